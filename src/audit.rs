@@ -1,0 +1,279 @@
+//! The audit trail: one JSON line per request the main listener answers.
+//!
+//! Behind one Datafold key, this file is the only record of which caller tested which data
+//! source. A record is in the file (handed to the operating system) before its response is
+//! released, so a SIGTERM, or even a crash of the gateway, loses nothing that a caller saw. The
+//! writing happens on a thread of its own that batches whatever records are waiting into one
+//! `write`, so request tasks never block on disk I/O; they only wait for the batch holding their
+//! record to be written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+/// What the gateway did with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Forwarded,
+    Rejected,
+    RateLimited,
+    UpstreamError,
+}
+
+/// Which rate limit refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Limit {
+    Global,
+    Caller,
+    DataSource,
+}
+
+/// What the layers learned about a request, carried back to the audit layer in the response's
+/// extensions. Each layer fills in its own part on the way out.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFacts {
+    pub caller: Option<Arc<str>>,
+    pub route: Option<&'static str>,
+    pub data_source_id: Option<i64>,
+    pub job_id: Option<i64>,
+    pub outcome: Option<Outcome>,
+    pub limit: Option<Limit>,
+    pub upstream_status: Option<u16>,
+}
+
+impl AuditFacts {
+    pub fn outcome(outcome: Outcome) -> Self {
+        Self {
+            outcome: Some(outcome),
+            ..Self::default()
+        }
+    }
+}
+
+/// One line of the audit file. Every field is always present, `null` where unknown.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    pub ts: String,
+    pub request_id: Option<&'a str>,
+    pub caller: Option<&'a str>,
+    pub peer: Option<String>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub route: Option<&'static str>,
+    pub data_source_id: Option<i64>,
+    pub job_id: Option<i64>,
+    pub status: u16,
+    pub outcome: Outcome,
+    pub limit: Option<Limit>,
+    pub upstream_status: Option<u16>,
+    pub duration_ms: f64,
+}
+
+enum Message {
+    Record {
+        line: Vec<u8>,
+        written: oneshot::Sender<bool>,
+    },
+    Close(oneshot::Sender<()>),
+}
+
+/// Handle to the audit writer; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    tx: mpsc::UnboundedSender<Message>,
+}
+
+/// A batch is written once it holds this much, even if more records are waiting.
+const MAX_BATCH_BYTES: usize = 256 * 1024;
+
+impl AuditLog {
+    /// Opens (creating if needed) the audit file for appending and starts the writer thread.
+    pub fn open(path: &Path) -> Result<Self, AuditError> {
+        let file = open_append(path).map_err(|e| AuditError {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let path = path.to_owned();
+        thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || write_loop(file, &path, rx))
+            .map_err(|e| AuditError {
+                path: PathBuf::new(),
+                source: e,
+            })?;
+        Ok(Self { tx })
+    }
+
+    /// Appends one record; returns once it is written to the file, `false` if it could not be.
+    pub async fn append(&self, record: &Record<'_>) -> bool {
+        let mut line = match serde_json::to_vec(record) {
+            Ok(line) => line,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialize an audit record");
+                return false;
+            }
+        };
+        line.push(b'\n');
+        let (written, done) = oneshot::channel();
+        if self.tx.send(Message::Record { line, written }).is_err() {
+            tracing::error!("audit record dropped: the audit writer has already stopped");
+            return false;
+        }
+        done.await.unwrap_or(false)
+    }
+
+    /// Writes out what is queued, syncs the file to disk and stops the writer.
+    pub async fn close(&self) {
+        let (closed, done) = oneshot::channel();
+        if self.tx.send(Message::Close(closed)).is_ok() {
+            let _ = done.await;
+        }
+    }
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.append(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
+    options.open(path)
+}
+
+fn write_loop(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Message>) {
+    let mut batch = Vec::with_capacity(64 * 1024);
+    let mut waiting = Vec::new();
+    let mut closing = None;
+    while closing.is_none() {
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Record { line, written } => {
+                    batch.extend_from_slice(&line);
+                    waiting.push(written);
+                }
+                Message::Close(done) => {
+                    closing = Some(done);
+                    break;
+                }
+            }
+            if batch.len() < MAX_BATCH_BYTES {
+                next = rx.try_recv().ok();
+            }
+        }
+        let ok = match file.write_all(&batch) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, records = waiting.len(), "cannot write to the audit file");
+                false
+            }
+        };
+        for written in waiting.drain(..) {
+            let _ = written.send(ok);
+        }
+        batch.clear();
+    }
+    if let Err(e) = file.sync_all() {
+        tracing::error!(file = %path.display(), error = %e, "cannot sync the audit file");
+    }
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+/// The audit file cannot be opened.
+#[derive(Debug)]
+pub struct AuditError {
+    pub path: PathBuf,
+    pub source: io::Error,
+}
+
+impl std::fmt::Display for AuditError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "audit.file: cannot open {} for appending: {}",
+            self.path.display(),
+            self.source
+        )
+    }
+}
+
+impl std::error::Error for AuditError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: u16) -> Record<'static> {
+        Record {
+            ts: "2026-12-01T00:00:00Z".into(),
+            request_id: Some("r1"),
+            caller: Some("127.0.0.1"),
+            peer: Some("127.0.0.1:5000".into()),
+            method: "POST",
+            path: "/api/v1/data_sources/1/test",
+            route: Some("test_connection"),
+            data_source_id: Some(1),
+            job_id: None,
+            status,
+            outcome: Outcome::Forwarded,
+            limit: None,
+            upstream_status: Some(status),
+            duration_ms: 1.5,
+        }
+    }
+
+    #[tokio::test]
+    async fn record_is_in_the_file_when_append_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        assert!(log.append(&record(200)).await);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let value: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(value["status"], 200);
+        assert_eq!(value["limit"], serde_json::Value::Null);
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn concurrent_appends_each_get_one_whole_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let tasks: Vec<_> = (0..200u16)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(&record(200 + i)).await })
+            })
+            .collect();
+        for task in tasks {
+            assert!(task.await.unwrap());
+        }
+        log.close().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut statuses: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["status"].as_u64().unwrap())
+            .collect();
+        statuses.sort();
+        assert_eq!(statuses, (200..400).collect::<Vec<u64>>());
+    }
+
+    #[test]
+    fn unwritable_path_names_the_file() {
+        let err = AuditLog::open(Path::new("/nonexistent-dir/audit.jsonl")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent-dir/audit.jsonl"));
+    }
+}

@@ -1,0 +1,269 @@
+//! Every answer the gateway makes itself, in one place.
+//!
+//! Gateway-made errors are JSON `{"detail": "<human message>", "code": "<stable code>"}`; the
+//! codes are an interface that callers match on. Invalid path parameters are the exception: they
+//! get Datafold's own `HTTPValidationError` shape so that Datafold's clients parse them as usual.
+//! Upstream failures are classified here too, from the error's chain of causes.
+
+use std::error::Error as StdError;
+use std::io;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+use serde::Serialize;
+
+use crate::audit::{AuditFacts, Limit, Outcome};
+use crate::Body;
+
+/// Stable error codes in gateway-made error bodies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    RequestTimeout,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    RateLimited,
+    UpstreamUnreachable,
+    UpstreamTimeout,
+    Overloaded,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    detail: &'a str,
+    code: ErrorCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<Limit>,
+}
+
+fn json(status: StatusCode, body: Vec<u8>) -> Response<Body> {
+    let mut response = Response::new(Body::from(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A gateway-made error answer, tagged for the audit record as refused by the gateway.
+pub fn error_response(status: StatusCode, code: ErrorCode, detail: &str) -> Response<Body> {
+    let body = serde_json::to_vec(&ErrorBody {
+        detail,
+        code,
+        limit: None,
+    })
+    .unwrap_or_default();
+    let mut response = json(status, body);
+    response
+        .extensions_mut()
+        .insert(AuditFacts::outcome(Outcome::Rejected));
+    response
+}
+
+pub fn not_found() -> Response<Body> {
+    error_response(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        "this gateway forwards only POST /api/v1/data_sources/{id}/test and GET /api/v1/data_sources/test/{job_id}",
+    )
+}
+
+pub fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut response = error_response(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::MethodNotAllowed,
+        &format!("this endpoint accepts only {allow}"),
+    );
+    response
+        .headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+pub fn payload_too_large(max: usize) -> Response<Body> {
+    error_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::PayloadTooLarge,
+        &format!("request body is larger than limits.max_body_bytes ({max} bytes)"),
+    )
+}
+
+pub fn bad_request(detail: &str) -> Response<Body> {
+    error_response(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, detail)
+}
+
+pub fn overloaded() -> Response<Body> {
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Overloaded,
+        "the gateway is handling limits.max_concurrent_requests requests already; retry shortly",
+    )
+}
+
+/// 429 with `Retry-After` in whole seconds, rounded up, at least 1.
+pub fn rate_limited(limit: Limit, wait: Duration) -> Response<Body> {
+    let detail = match limit {
+        Limit::Global => "the gateway's global rate limit is reached",
+        Limit::Caller => "your rate limit (rate_limit.per_caller) is reached",
+        Limit::DataSource => "the rate limit for this data source is reached",
+    };
+    let body = serde_json::to_vec(&ErrorBody {
+        detail,
+        code: ErrorCode::RateLimited,
+        limit: Some(limit),
+    })
+    .unwrap_or_default();
+    let mut response = json(StatusCode::TOO_MANY_REQUESTS, body);
+    let secs = retry_after_secs(wait);
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(secs));
+    let facts = AuditFacts {
+        outcome: Some(Outcome::RateLimited),
+        limit: Some(limit),
+        ..AuditFacts::default()
+    };
+    response.extensions_mut().insert(facts);
+    response
+}
+
+fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// 422 in Datafold's HTTPValidationError shape for a path parameter that is not an integer.
+pub fn invalid_integer(param: &'static str) -> Response<Body> {
+    let body = serde_json::json!({
+        "detail": [{
+            "loc": ["path", param],
+            "msg": "Input should be a valid integer, unable to parse string as an integer",
+            "type": "int_parsing",
+        }]
+    });
+    let mut response = json(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        serde_json::to_vec(&body).unwrap_or_default(),
+    );
+    response
+        .extensions_mut()
+        .insert(AuditFacts::outcome(Outcome::Rejected));
+    response
+}
+
+/// Why an upstream exchange failed, as far as the caller and the operator need to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamFailure {
+    /// TCP connect refused, unreachable, or DNS failed.
+    Connect,
+    /// The TLS handshake failed, e.g. an untrusted certificate.
+    Tls,
+    /// No complete answer within `upstream.timeout`.
+    Timeout,
+    /// The connection broke mid-exchange.
+    Reset,
+}
+
+impl UpstreamFailure {
+    /// Walks the error's causes to find what went wrong.
+    pub fn classify(error: &(dyn StdError + 'static)) -> Self {
+        let mut connect = false;
+        let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
+        while let Some(e) = cause {
+            if e.is::<rustls::Error>() {
+                return Self::Tls;
+            }
+            if let Some(client) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
+                connect |= client.is_connect();
+            }
+            if let Some(io) = e.downcast_ref::<io::Error>() {
+                if io.kind() == io::ErrorKind::TimedOut {
+                    return Self::Timeout;
+                }
+                if io
+                    .get_ref()
+                    .is_some_and(|inner| inner.is::<rustls::Error>())
+                {
+                    return Self::Tls;
+                }
+            }
+            cause = e.source();
+        }
+        if connect {
+            Self::Connect
+        } else {
+            Self::Reset
+        }
+    }
+
+    pub fn response(self, upstream: &str) -> Response<Body> {
+        let (status, code, detail) = match self {
+            Self::Timeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                ErrorCode::UpstreamTimeout,
+                format!("{upstream} did not answer within upstream.timeout"),
+            ),
+            Self::Connect => (
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::UpstreamUnreachable,
+                format!("cannot connect to {upstream}"),
+            ),
+            Self::Tls => (
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::UpstreamUnreachable,
+                format!("TLS with {upstream} failed (is its certificate trusted? see upstream.ca_file)"),
+            ),
+            Self::Reset => (
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::UpstreamUnreachable,
+                format!("the connection to {upstream} broke before a complete answer"),
+            ),
+        };
+        let mut response = error_response(status, code, &detail);
+        response
+            .extensions_mut()
+            .insert(AuditFacts::outcome(Outcome::UpstreamError));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_and_is_at_least_one_second() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(100)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(7)), 7);
+    }
+
+    #[test]
+    fn invalid_integer_matches_datafold_shape() {
+        let response = invalid_integer("job_id");
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let body = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
+            response.into_body(),
+        ))
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(value["detail"][0]["loc"], serde_json::json!(["path", "job_id"]));
+        assert_eq!(value["detail"][0]["type"], "int_parsing");
+    }
+
+    #[test]
+    fn timed_out_io_is_a_timeout() {
+        let e = io::Error::new(io::ErrorKind::TimedOut, "slow");
+        assert_eq!(UpstreamFailure::classify(&e), UpstreamFailure::Timeout);
+        let e = io::Error::new(io::ErrorKind::ConnectionReset, "reset");
+        assert_eq!(UpstreamFailure::classify(&e), UpstreamFailure::Reset);
+    }
+}

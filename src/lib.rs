@@ -1,0 +1,24 @@
+//! datafold-gateway: lets internal callers test Datafold data source connections through one
+//! API key they never see, with rate limits and an audit trail of who tested what.
+//!
+//! `main.rs` only parses the command line; everything else lives here so that tests and the demo
+//! drive the same code. Start with `stack.rs`, which lists the request path layer by layer.
+
+pub mod admin;
+pub mod audit;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod middleware;
+pub mod secret;
+pub mod server;
+pub mod stack;
+pub mod standin;
+pub mod telemetry;
+pub mod upstream;
+
+#[cfg(test)]
+mod test_support;
+
+/// The body of every answer the gateway builds or passes on: complete, in memory.
+pub type Body = http_body_util::Full<bytes::Bytes>;

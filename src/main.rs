@@ -1,0 +1,97 @@
+//! The command line. Everything else is in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use datafold_gateway::config::Config;
+use datafold_gateway::{demo, server, telemetry};
+
+#[derive(Parser)]
+#[command(version, about = "Forward Datafold connection tests with a key callers never see")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The configuration file (TOML).
+    #[arg(long, env = "DATAFOLD_GATEWAY_CONFIG", default_value = "config/gateway.toml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve(ConfigArg),
+    /// Check a configuration (including that the key loads) and print it, key redacted.
+    CheckConfig(ConfigArg),
+    /// Try the gateway against a local stand-in for Datafold, then exit.
+    Demo {
+        /// Keep the gateway and the stand-in running until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args.config)),
+        Command::CheckConfig(args) => check_config(args.config),
+        Command::Demo { keep } => runtime.block_on(demo::run(keep)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::load(&path)?;
+    telemetry::init(&config.log);
+    let gateway = server::Gateway::bind(config).await?;
+    gateway.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+fn check_config(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
+    let config = Config::load(&path)?;
+    server::prepare(&config)?;
+    println!("# {}: OK (API key loaded; shown redacted)", path.display());
+    print!("{}", config.redacted_toml());
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

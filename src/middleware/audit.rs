@@ -1,0 +1,168 @@
+//! Writes one audit record for every request the main listener answers, before the answer is
+//! released to the caller.
+//!
+//! The record is made from what this layer saw of the request (time, peer, method, path,
+//! request id) and the [`AuditFacts`] the inner layers attached to the response (caller, route,
+//! ids, outcome, limit, upstream status). The facts are taken off the response: they are
+//! internal and never leave the gateway.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Instant, SystemTime};
+
+use http::{Request, Response};
+use tower::{Layer, Service};
+
+use super::caller::Peer;
+use super::request_id::X_REQUEST_ID;
+use crate::audit::{AuditFacts, AuditLog, Outcome, Record};
+use crate::Body;
+
+#[derive(Debug, Clone)]
+pub struct AuditLayer {
+    log: AuditLog,
+}
+
+impl AuditLayer {
+    pub fn new(log: AuditLog) -> Self {
+        Self { log }
+    }
+}
+
+impl<S> Layer<S> for AuditLayer {
+    type Service = Audit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Audit {
+            inner,
+            log: self.log.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Audit<S> {
+    inner: S,
+    log: AuditLog,
+}
+
+/// What the audit record needs from the request, taken before the request moves inward.
+struct Seen {
+    ts: SystemTime,
+    started: Instant,
+    request_id: Option<String>,
+    peer: Option<String>,
+    method: http::Method,
+    path: String,
+}
+
+impl<S, B> Service<Request<B>> for Audit<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let seen = Seen {
+            ts: SystemTime::now(),
+            started: Instant::now(),
+            request_id: request
+                .headers()
+                .get(X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+            peer: request.extensions().get::<Peer>().map(|p| p.addr.to_string()),
+            method: request.method().clone(),
+            path: request.uri().path().to_owned(),
+        };
+        let response = self.inner.call(request);
+        let log = self.log.clone();
+        Box::pin(async move {
+            let Ok(mut response) = response.await;
+            let facts = response.extensions_mut().remove::<AuditFacts>().unwrap_or_default();
+            let record = Record {
+                ts: humantime::format_rfc3339_micros(seen.ts).to_string(),
+                request_id: seen.request_id.as_deref(),
+                caller: facts.caller.as_deref(),
+                peer: seen.peer,
+                method: seen.method.as_str(),
+                path: &seen.path,
+                route: facts.route,
+                data_source_id: facts.data_source_id,
+                job_id: facts.job_id,
+                status: response.status().as_u16(),
+                outcome: facts.outcome.unwrap_or(Outcome::Rejected),
+                limit: facts.limit,
+                upstream_status: facts.upstream_status,
+                duration_ms: (seen.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+            };
+            log.append(&record).await;
+            Ok(response)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::Limit;
+    use http::StatusCode;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn record_combines_request_and_inner_facts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let inner = tower::service_fn(|_: Request<Body>| async {
+            let mut response = Response::new(Body::default());
+            *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            response.extensions_mut().insert(AuditFacts {
+                caller: Some("10.0.0.7".into()),
+                route: Some("test_connection"),
+                data_source_id: Some(42),
+                outcome: Some(Outcome::RateLimited),
+                limit: Some(Limit::DataSource),
+                ..AuditFacts::default()
+            });
+            Ok::<_, Infallible>(response)
+        });
+        let service = AuditLayer::new(log.clone()).layer(inner);
+        let mut request = Request::builder()
+            .method("POST")
+            .uri("/api/v1/data_sources/42/test?x=1")
+            .header(X_REQUEST_ID, "req-1")
+            .body(Body::default())
+            .unwrap();
+        request.extensions_mut().insert(Peer::new("10.0.0.7:40000".parse().unwrap()));
+        let response = service.oneshot(request).await.unwrap();
+        assert!(response.extensions().get::<AuditFacts>().is_none());
+
+        let line = std::fs::read_to_string(&path).unwrap();
+        let record: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(record["request_id"], "req-1");
+        assert_eq!(record["caller"], "10.0.0.7");
+        assert_eq!(record["peer"], "10.0.0.7:40000");
+        assert_eq!(record["method"], "POST");
+        assert_eq!(record["path"], "/api/v1/data_sources/42/test");
+        assert_eq!(record["route"], "test_connection");
+        assert_eq!(record["data_source_id"], 42);
+        assert_eq!(record["job_id"], serde_json::Value::Null);
+        assert_eq!(record["status"], 429);
+        assert_eq!(record["outcome"], "rate_limited");
+        assert_eq!(record["limit"], "data_source");
+        assert_eq!(record["upstream_status"], serde_json::Value::Null);
+        assert!(record["duration_ms"].as_f64().unwrap() >= 0.0);
+        assert!(record["ts"].as_str().unwrap().ends_with('Z'));
+        log.close().await;
+    }
+}

@@ -1,0 +1,64 @@
+//! Keeps a caller's `x-request-id` only when it is a sane token.
+//!
+//! tower-http's `SetRequestId` generates an id when the header is missing; this step, just
+//! before it, removes an id that is too long or holds characters that could forge log or audit
+//! lines, so that a fresh one is generated in its place.
+
+use http::{HeaderValue, Request};
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+/// Longest caller-supplied request id kept.
+const MAX_LEN: usize = 128;
+
+/// Removes the caller's request id unless it is 1–128 characters of `[A-Za-z0-9._:-]`.
+pub fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
+    let usable = match request.headers().get_all(X_REQUEST_ID).iter().collect::<Vec<_>>()[..] {
+        [value] => is_sane(value),
+        _ => false,
+    };
+    if !usable {
+        request.headers_mut().remove(X_REQUEST_ID);
+    }
+    request
+}
+
+fn is_sane(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_LEN
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kept(values: &[&str]) -> Option<String> {
+        let mut request = Request::new(());
+        for v in values {
+            request
+                .headers_mut()
+                .append(X_REQUEST_ID, HeaderValue::from_str(v).unwrap());
+        }
+        drop_unusable_request_id(request)
+            .headers()
+            .get(X_REQUEST_ID)
+            .map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn sane_request_id_is_kept() {
+        assert_eq!(kept(&["ci-run_42.7:abc"]).as_deref(), Some("ci-run_42.7:abc"));
+    }
+
+    #[test]
+    fn unsafe_or_ambiguous_request_id_is_dropped() {
+        assert_eq!(kept(&["has space"]), None);
+        assert_eq!(kept(&["\"quoted\""]), None);
+        assert_eq!(kept(&[&"a".repeat(129)]), None);
+        assert_eq!(kept(&["one", "two"]), None);
+    }
+}

@@ -1,0 +1,135 @@
+//! The Datafold API key: loaded once, held as a ready-made sensitive header value.
+//!
+//! The key is never printed: `Debug` is redacted, load errors name the variable or file but not
+//! the contents, and the header value is marked sensitive so that HPACK never indexes it and
+//! tower-http's trace layer shows it as `Sensitive`.
+
+use std::fmt;
+
+use http::HeaderValue;
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::config::ApiKeySource;
+
+/// The `Authorization: Key <key>` header value the gateway sends upstream.
+#[derive(Clone)]
+pub struct ApiKey {
+    header: HeaderValue,
+}
+
+impl ApiKey {
+    /// Reads the key from its configured source. Trailing newlines (as `echo` and most secret
+    /// stores leave them) are not part of the key.
+    pub fn load(source: &ApiKeySource) -> Result<Self, KeyError> {
+        let raw = match source {
+            ApiKeySource::Env(name) => match std::env::var(name) {
+                Ok(value) => SecretString::from(value),
+                Err(std::env::VarError::NotPresent) => {
+                    return Err(KeyError(format!(
+                        "api_key.env: environment variable {name} is not set"
+                    )))
+                }
+                Err(std::env::VarError::NotUnicode(_)) => {
+                    return Err(KeyError(format!(
+                        "api_key.env: environment variable {name} is not valid UTF-8"
+                    )))
+                }
+            },
+            ApiKeySource::File(path) => match std::fs::read_to_string(path) {
+                Ok(value) => SecretString::from(value),
+                Err(e) => {
+                    return Err(KeyError(format!(
+                        "api_key.file: cannot read {}: {e}",
+                        path.display()
+                    )))
+                }
+            },
+        };
+        Self::from_secret(&raw).map_err(|problem| KeyError(format!("{}: {problem}", describe(source))))
+    }
+
+    /// Builds the header from a key; the error says what is wrong without quoting the key.
+    pub fn from_secret(raw: &SecretString) -> Result<Self, &'static str> {
+        let key = raw.expose_secret().trim_end_matches(['\n', '\r']);
+        if key.trim().is_empty() {
+            return Err("the API key is empty");
+        }
+        if key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+            return Err("the API key contains whitespace or characters not allowed in a header");
+        }
+        let mut header = HeaderValue::try_from(format!("Key {key}"))
+            .map_err(|_| "the API key is not a valid header value")?;
+        header.set_sensitive(true);
+        Ok(Self { header })
+    }
+
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.header
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+fn describe(source: &ApiKeySource) -> String {
+    match source {
+        ApiKeySource::Env(name) => format!("api_key.env: environment variable {name}"),
+        ApiKeySource::File(path) => format!("api_key.file: {}", path.display()),
+    }
+}
+
+/// Why the key could not be loaded; never contains the key.
+#[derive(Debug)]
+pub struct KeyError(String);
+
+impl fmt::Display for KeyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for KeyError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KEY: &str = "dfk_live_8c1e4b2a9f";
+
+    #[test]
+    fn header_is_key_scheme_and_sensitive() {
+        let key = ApiKey::from_secret(&SecretString::from(format!("{KEY}\n"))).unwrap();
+        assert_eq!(key.header_value(), &format!("Key {KEY}"));
+        assert!(key.header_value().is_sensitive());
+    }
+
+    #[test]
+    fn debug_does_not_show_the_key() {
+        let key = ApiKey::from_secret(&SecretString::from(KEY.to_owned())).unwrap();
+        let shown = format!("{key:?} {:?}", key.header_value());
+        assert!(!shown.contains(KEY), "{shown}");
+    }
+
+    #[test]
+    fn empty_or_blank_key_is_refused() {
+        for raw in ["", "\n", "  \r\n"] {
+            assert!(ApiKey::from_secret(&SecretString::from(raw.to_owned())).is_err());
+        }
+    }
+
+    #[test]
+    fn missing_file_error_names_the_file() {
+        let source = ApiKeySource::File("/nonexistent/datafold-key".into());
+        let err = ApiKey::load(&source).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/datafold-key"), "{err}");
+    }
+
+    #[test]
+    fn bad_key_error_does_not_quote_it() {
+        let err = ApiKey::from_secret(&SecretString::from(format!("{KEY} extra"))).unwrap_err();
+        assert!(!err.contains(KEY));
+    }
+}

@@ -1,0 +1,391 @@
+//! Listeners, connections and graceful shutdown.
+//!
+//! [`Gateway::bind`] does everything that can fail at start (key, trust roots, audit file,
+//! sockets) so that a misconfigured gateway exits at once with a message, and tests learn the
+//! bound addresses before anything runs. [`Gateway::run`] serves until its shutdown future
+//! resolves, then stops accepting, lets in-flight requests finish within
+//! `limits.shutdown_grace`, and flushes the audit file.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use pin_project_lite::pin_project;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tower::{Service, ServiceExt};
+
+use crate::admin::{self, Health};
+use crate::audit::AuditLog;
+use crate::config::Config;
+use crate::middleware::caller::Peer;
+use crate::middleware::rate_limit::Limiters;
+use crate::secret::ApiKey;
+use crate::stack::{self, StackParts};
+use crate::upstream::{self, HttpsClient};
+
+/// Largest request head (request line and headers) accepted, in bytes.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Most header fields accepted in one request.
+const MAX_HEADERS: usize = 100;
+/// How often keyed rate limiters forget refilled keys.
+const LIMITER_SWEEP: Duration = Duration::from_secs(10);
+
+/// Why the gateway cannot start; the message names the setting at fault.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// What `serve` needs besides sockets, each checked: `check-config` stops after this.
+pub struct Prepared {
+    pub key: ApiKey,
+    pub client: HttpsClient,
+}
+
+/// Loads the key and the upstream trust roots, and checks that the audit file's folder exists.
+pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
+    let key = ApiKey::load(&config.api_key).map_err(|e| StartError(e.to_string()))?;
+    let client = upstream::client(&config.upstream).map_err(StartError)?;
+    let audit_dir = match config.audit.file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    if !audit_dir.is_dir() {
+        return Err(StartError(format!(
+            "audit.file: the folder {} of {} does not exist",
+            audit_dir.display(),
+            config.audit.file.display()
+        )));
+    }
+    Ok(Prepared { key, client })
+}
+
+/// A gateway with its sockets bound, ready to [`run`](Gateway::run).
+pub struct Gateway {
+    config: Arc<Config>,
+    prepared: Prepared,
+    audit: AuditLog,
+    listener: TcpListener,
+    admin: TcpListener,
+}
+
+impl Gateway {
+    pub async fn bind(config: Config) -> Result<Self, StartError> {
+        let prepared = prepare(&config)?;
+        let listener = TcpListener::bind(config.listen.addr)
+            .await
+            .map_err(|e| StartError(format!("listen.addr: cannot listen on {}: {e}", config.listen.addr)))?;
+        let admin = TcpListener::bind(config.admin.addr)
+            .await
+            .map_err(|e| StartError(format!("admin.addr: cannot listen on {}: {e}", config.admin.addr)))?;
+        let audit = AuditLog::open(&config.audit.file).map_err(|e| StartError(e.to_string()))?;
+        Ok(Self {
+            config: Arc::new(config),
+            prepared,
+            audit,
+            listener,
+            admin,
+        })
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("a bound socket has an address")
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().expect("a bound socket has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then drains and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+        let Self {
+            config,
+            prepared,
+            audit,
+            listener,
+            admin,
+        } = self;
+        let limiters = Arc::new(Limiters::new(&config.rate_limit));
+        tokio::spawn(Limiters::sweep_every(Arc::downgrade(&limiters), LIMITER_SWEEP));
+        let stack = stack::build::<Incoming>(StackParts {
+            config: config.clone(),
+            key: prepared.key,
+            audit: audit.clone(),
+            limiters,
+            client: prepared.client,
+        });
+
+        let health = Arc::new(Health::default());
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let listen_addr = listener.local_addr().map_err(|e| StartError(e.to_string()))?;
+        let admin_addr = admin.local_addr().map_err(|e| StartError(e.to_string()))?;
+        // The admin listener keeps answering probes (readyz: 503) while requests drain.
+        let admin_task = tokio::spawn(serve_admin(admin, health.clone()));
+
+        let builder = Arc::new(connection_builder(&config));
+        let mut connections = JoinSet::new();
+        health.ready.store(true, Ordering::Release);
+        tracing::info!(
+            addr = %listen_addr,
+            admin = %admin_addr,
+            upstream = ?config.upstream.url,
+            "listening"
+        );
+
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        let service = stack.clone();
+                        connections.spawn(serve_connection(
+                            builder.clone(),
+                            stream,
+                            peer,
+                            service,
+                            config.limits.idle_timeout,
+                            stop_rx.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                () = &mut shutdown => break,
+            }
+        }
+
+        tracing::info!(
+            in_flight_connections = connections.len(),
+            grace = ?config.limits.shutdown_grace,
+            "shutting down: no new connections, finishing requests in flight"
+        );
+        health.ready.store(false, Ordering::Release);
+        drop(listener);
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(config.limits.shutdown_grace, async {
+            while connections.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                connections = connections.len(),
+                "shutdown grace ran out; closing the remaining connections"
+            );
+            connections.shutdown().await;
+        }
+        admin_task.abort();
+        audit.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.limits.header_read_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
+}
+
+/// Serves one connection until it closes, is idle for `idle_timeout`, or shutdown begins.
+async fn serve_connection<S, B>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    stack: S,
+    idle_timeout: Duration,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Activity::new());
+    let service = PerConnection {
+        stack,
+        peer: Peer::new(peer),
+        activity: activity.clone(),
+    };
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    let mut closing = false;
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = stop.changed(), if !closing => {
+                let _ = changed;
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = idle.as_mut(), if !closing => {
+                match activity.idle_until(idle_timeout) {
+                    None => {
+                        tracing::debug!(%peer, "closing idle connection");
+                        closing = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                    Some(deadline) => idle.as_mut().reset(deadline.into()),
+                }
+            }
+        }
+    }
+}
+
+/// Requests in flight on one connection, and when the last one finished.
+struct Activity {
+    opened: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `opened` to the end of the last request.
+    last_done_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            opened: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_done_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// `None` if the connection has been idle for `timeout`; else when to look again.
+    fn idle_until(&self, timeout: Duration) -> Option<Instant> {
+        let now = Instant::now();
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Some(now + timeout);
+        }
+        let last = self.opened + Duration::from_millis(self.last_done_ms.load(Ordering::Acquire));
+        let deadline = last + timeout;
+        (deadline > now).then_some(deadline)
+    }
+}
+
+/// Marks a request in flight on its connection until dropped.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Self(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let ms = self.0.opened.elapsed().as_millis() as u64;
+        self.0.last_done_ms.fetch_max(ms, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The stack as one connection sees it: each request learns its peer and counts as activity.
+#[derive(Clone)]
+struct PerConnection<S> {
+    stack: S,
+    peer: Peer,
+    activity: Arc<Activity>,
+}
+
+pin_project! {
+    struct Tracked<F> {
+        #[pin]
+        inner: F,
+        _in_flight: InFlight,
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl<S, B> hyper::service::Service<http::Request<Incoming>> for PerConnection<S>
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone,
+{
+    type Response = http::Response<B>;
+    type Error = Infallible;
+    type Future = Tracked<tower::util::Oneshot<S, http::Request<Incoming>>>;
+
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer.clone());
+        Tracked {
+            _in_flight: InFlight::start(&self.activity),
+            inner: self.stack.clone().oneshot(request),
+        }
+    }
+}
+
+async fn serve_admin(listener: TcpListener, health: Arc<Health>) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let health = health.clone();
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |request| admin::handle(health.clone(), request)),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

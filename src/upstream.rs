@@ -1,0 +1,298 @@
+//! The way to Datafold: a pooled HTTPS client and the service at the bottom of the stack that
+//! forwards an allowed request and brings the answer back.
+//!
+//! The client always verifies the upstream's certificate, against the public web roots plus
+//! `upstream.ca_file`; there is no switch to turn verification off. Connections are pooled and
+//! reused, over HTTP/2 where the upstream offers it by ALPN.
+//!
+//! The caller's request body is read in full (it is `{}` in practice, capped by
+//! `limits.max_body_bytes`) and sent with a `Content-Length` of the gateway's own counting, so
+//! however the caller framed its body, the upstream sees exactly one well-framed request. The
+//! answer is read in full too, within `upstream.timeout`, so that its `job_id` can be audited.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, CONNECTION, CONTENT_LENGTH, HOST};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::CertificateDer;
+use serde::Deserialize;
+use tower::Service;
+
+use crate::audit::{AuditFacts, Outcome};
+use crate::config::{UpstreamUrl, Upstream as UpstreamConfig};
+use crate::error::{self, UpstreamFailure};
+use crate::middleware::route::Route;
+use crate::Body;
+
+pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Largest upstream answer read; Datafold's answers to these two endpoints are a few KiB.
+const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Builds the TLS trust roots: the public web roots plus the PEM certificates in `ca_file`.
+pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("upstream.ca_file: cannot read {}: {e}", path.display()))?;
+        let mut added = 0;
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| {
+                format!("upstream.ca_file: {} is not valid PEM: {e}", path.display())
+            })?;
+            roots.add(cert).map_err(|e| {
+                format!("upstream.ca_file: {} holds an unusable certificate: {e}", path.display())
+            })?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(format!(
+                "upstream.ca_file: {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
+    Ok(roots)
+}
+
+/// The pooled HTTPS client to the upstream.
+pub fn client(config: &UpstreamConfig) -> Result<HttpsClient, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(root_store(config.ca_file.as_deref())?)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(config.connect_timeout));
+    http.set_nodelay(true);
+    http.set_keepalive(Some(Duration::from_secs(60)));
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(https))
+}
+
+/// Forwards an allowed request (one with a [`Route`]) to the upstream.
+#[derive(Clone)]
+pub struct Forward {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: HttpsClient,
+    url: UpstreamUrl,
+    timeout: Duration,
+    max_body_bytes: usize,
+    body_read_timeout: Duration,
+}
+
+impl Forward {
+    pub fn new(
+        client: HttpsClient,
+        url: UpstreamUrl,
+        timeout: Duration,
+        max_body_bytes: usize,
+        body_read_timeout: Duration,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                client,
+                url,
+                timeout,
+                max_body_bytes,
+                body_read_timeout,
+            }),
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for Forward
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let shared = self.shared.clone();
+        Box::pin(async move { Ok(shared.forward(request).await) })
+    }
+}
+
+/// The start of a connection test, as Datafold answers it.
+#[derive(Deserialize)]
+struct TestStarted {
+    job_id: i64,
+}
+
+impl Shared {
+    async fn forward<B>(&self, request: Request<B>) -> Response<Body>
+    where
+        B: http_body::Body<Data = Bytes>,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (mut parts, body) = request.into_parts();
+        let Some(route) = parts.extensions.get::<Route>().copied() else {
+            // Only the route layer lets requests through, and it always says which route.
+            return error::not_found();
+        };
+        let body = match tokio::time::timeout(
+            self.body_read_timeout,
+            Limited::new(body, self.max_body_bytes).collect(),
+        )
+        .await
+        {
+            Ok(Ok(collected)) => collected.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+                return error::payload_too_large(self.max_body_bytes)
+            }
+            Ok(Err(_)) => return error::bad_request("the request body could not be read"),
+            Err(_) => {
+                return error::error_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    error::ErrorCode::RequestTimeout,
+                    "the request body was not received within limits.header_read_timeout",
+                )
+            }
+        };
+
+        let uri = match self.url.join(&route.upstream_path()) {
+            Ok(uri) => uri,
+            Err(_) => return error::not_found(),
+        };
+        remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(HOST);
+        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        let mut upstream_request = Request::new(Full::new(body));
+        *upstream_request.method_mut() = parts.method;
+        *upstream_request.uri_mut() = uri;
+        *upstream_request.version_mut() = Version::HTTP_11;
+        *upstream_request.headers_mut() = parts.headers;
+
+        let exchange = async {
+            let response = self.client.request(upstream_request).await?;
+            let (parts, body) = response.into_parts();
+            let body = Limited::new(body, MAX_RESPONSE_BYTES)
+                .collect()
+                .await?
+                .to_bytes();
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
+        };
+        let (mut parts, body) = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                let failure = UpstreamFailure::classify(e.as_ref());
+                tracing::warn!(upstream = %self.url.authority, ?failure, error = %e, "upstream exchange failed");
+                return failure.response(self.url.authority.as_str());
+            }
+            Err(_) => {
+                tracing::warn!(upstream = %self.url.authority, timeout = ?self.timeout, "upstream did not answer in time");
+                return UpstreamFailure::Timeout.response(self.url.authority.as_str());
+            }
+        };
+
+        let job_id = match route {
+            Route::TestConnection { .. } if parts.status == StatusCode::OK => {
+                serde_json::from_slice::<TestStarted>(&body).ok().map(|t| t.job_id)
+            }
+            _ => None,
+        };
+        remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(CONTENT_LENGTH);
+        parts.extensions = http::Extensions::new();
+        let status = parts.status.as_u16();
+        let mut response = Response::from_parts(parts, Body::from(body));
+        let facts = response.extensions_mut().get_or_insert_default::<AuditFacts>();
+        facts.outcome = Some(Outcome::Forwarded);
+        facts.upstream_status = Some(status);
+        if job_id.is_some() {
+            facts.job_id = job_id;
+        }
+        response
+    }
+}
+
+/// Headers that describe one connection, not the message: never passed on, either way.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including any that `Connection` names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::UPGRADE);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        headers.insert("x-secret-hop", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        remove_hop_by_hop(&mut headers);
+        let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["content-type"]);
+    }
+
+    #[test]
+    fn ca_file_without_certificates_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("empty.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let err = root_store(Some(&path)).unwrap_err();
+        assert!(err.contains("upstream.ca_file") && err.contains("empty.pem"), "{err}");
+    }
+}
