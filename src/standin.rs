@@ -1,1 +1,289 @@
+//! A local stand-in for Datafold, for the demo and the integration tests.
+//!
+//! It speaks real TLS with a certificate from a throwaway CA made at start ([`ThrowawayCa`]),
+//! answers the two connection-test endpoints the way Datafold documents them, refuses any
+//! request without the expected `Authorization: Key <key>` with 401 (so a broken key injection
+//! shows at once), and records every request it receives so tests can check what reached it.
+//! Data source 13 is the one whose connection fails, to have something to show.
 
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rustls::ServerConfig;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// A certificate authority that lives as long as the process, for local TLS only.
+pub struct ThrowawayCa {
+    cert: rcgen::Certificate,
+    key: KeyPair,
+}
+
+/// A certificate and its private key, issued by a [`ThrowawayCa`].
+pub struct Issued {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl ThrowawayCa {
+    pub fn new(name: &str) -> Result<Self, Error> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA certificate, PEM, for a trust store (`upstream.ca_file`).
+    pub fn cert_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    pub fn write_cert(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::write(path, self.cert_pem())
+    }
+
+    /// Issues a certificate for `names`: DNS names, IP addresses, or a client's name.
+    pub fn issue(&self, names: &[&str]) -> Result<Issued, Error> {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        if let Some(first) = names.first() {
+            params.distinguished_name.push(DnType::CommonName, *first);
+        }
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// A rustls server configuration for `names`, offering HTTP/2 and HTTP/1.1.
+    pub fn server_config(&self, names: &[&str]) -> Result<Arc<ServerConfig>, Error> {
+        let issued = self.issue(names)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(issued.chain, issued.key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// One request as the stand-in received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: Method,
+    /// Path and query as sent.
+    pub target: String,
+    pub version: Version,
+    /// The `Host` header, or the `:authority` of an HTTP/2 request.
+    pub host: Option<String>,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A running stand-in; stops when dropped.
+pub struct StandIn {
+    addr: SocketAddr,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct State {
+    expected_authorization: String,
+    received: Mutex<Vec<Received>>,
+    jobs: Mutex<HashMap<i64, i64>>,
+    next_job: AtomicI64,
+    delay_ms: AtomicU64,
+}
+
+impl StandIn {
+    /// Listens on an ephemeral loopback port and serves until dropped.
+    pub async fn start(tls: Arc<ServerConfig>, api_key: &str) -> Result<Self, Error> {
+        let listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            expected_authorization: format!("Key {api_key}"),
+            received: Mutex::new(Vec::new()),
+            jobs: Mutex::new(HashMap::new()),
+            next_job: AtomicI64::new(1001),
+            delay_ms: AtomicU64::new(0),
+        });
+        let acceptor = TlsAcceptor::from(tls);
+        let task = tokio::spawn(accept_loop(listener, acceptor, state.clone()));
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The base URL to configure as `upstream.url` (its certificate names 127.0.0.1).
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Every request received so far, oldest first.
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().expect("not poisoned").clone()
+    }
+
+    /// Makes every answer wait this long first, to stand in for a slow upstream.
+    pub fn set_delay(&self, delay: Duration) {
+        self.state
+            .delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<State>) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        let state = state.clone();
+        connections.spawn(async move {
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            let service = hyper::service::service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(answer(&state, request).await) }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let (parts, body) = request.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    state.received.lock().expect("not poisoned").push(Received {
+        method: parts.method.clone(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        version: parts.version,
+        host: parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .or_else(|| parts.uri.authority().map(|a| a.to_string())),
+        headers: parts.headers.clone(),
+        body,
+    });
+    let delay = state.delay_ms.load(Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+
+    let authorized = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .is_some_and(|v| v.as_bytes() == state.expected_authorization.as_bytes());
+    if !authorized {
+        return json(StatusCode::UNAUTHORIZED, serde_json::json!({"detail": "Invalid API key"}));
+    }
+    let segments: Vec<&str> = parts.uri.path().split('/').collect();
+    match (&parts.method, segments.as_slice()) {
+        (&Method::POST, ["", "api", "v1", "data_sources", id, "test"]) => match id.parse::<i64>() {
+            Ok(data_source_id) => {
+                let job_id = state.next_job.fetch_add(1, Ordering::Relaxed);
+                state
+                    .jobs
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(job_id, data_source_id);
+                json(StatusCode::OK, serde_json::json!({ "job_id": job_id }))
+            }
+            Err(_) => invalid("data_source_id"),
+        },
+        (&Method::GET, ["", "api", "v1", "data_sources", "test", job]) => match job.parse::<i64>() {
+            Ok(job_id) => {
+                let data_source_id = state.jobs.lock().expect("not poisoned").get(&job_id).copied();
+                match data_source_id {
+                    Some(id) => json(StatusCode::OK, results(job_id, id)),
+                    None => json(StatusCode::NOT_FOUND, serde_json::json!({"detail": "Job not found"})),
+                }
+            }
+            Err(_) => invalid("job_id"),
+        },
+        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"detail": "Not Found"})),
+    }
+}
+
+/// A finished test's results: connection fails for data source 13, succeeds otherwise.
+fn results(job_id: i64, data_source_id: i64) -> serde_json::Value {
+    let connected = data_source_id != 13;
+    let connection = if connected {
+        serde_json::json!({"code": "OK", "message": "Connected to the data source", "outcome": "success"})
+    } else {
+        serde_json::json!({"code": "CONNECTION_FAILED", "message": "password authentication failed", "outcome": "failed"})
+    };
+    serde_json::json!({
+        "id": job_id,
+        "status": if connected { "done" } else { "failed" },
+        "results": [
+            {"step": "connection", "status": if connected { "done" } else { "failed" }, "result": connection},
+            {"step": "temp_schema", "status": if connected { "done" } else { "cancelled" }, "result": null},
+        ]
+    })
+}
+
+fn invalid(param: &str) -> Response<Full<Bytes>> {
+    json(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        serde_json::json!({"detail": [{"loc": ["path", param], "msg": "Input should be a valid integer, unable to parse string as an integer", "type": "int_parsing"}]}),
+    )
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}

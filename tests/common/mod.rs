@@ -1,0 +1,149 @@
+//! Shared harness for the integration tests: a Datafold stand-in over real TLS with a throwaway
+//! CA, and the gateway in front of it, both on ephemeral loopback ports.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use datafold_gateway::config::{ApiKeySource, Config};
+use datafold_gateway::server::Gateway;
+use datafold_gateway::standin::{StandIn, ThrowawayCa};
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// The Datafold key the gateway holds in tests; checked for in logs and audit lines.
+pub const API_KEY: &str = "dfk_live_TESTKEY_7f3a9c2e51d04b8a";
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub ca: ThrowawayCa,
+    pub upstream: StandIn,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub audit_file: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    run: Option<tokio::task::JoinHandle<()>>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+/// A config pointing at `upstream`, with everything written into `dir`.
+pub fn config_for(dir: &Path, ca: &ThrowawayCa, upstream_url: &str) -> Config {
+    let ca_file = dir.join("ca.pem");
+    ca.write_cert(&ca_file).unwrap();
+    let key_file = dir.join("datafold-api-key");
+    std::fs::write(&key_file, format!("{API_KEY}\n")).unwrap();
+    let mut config = Config::default();
+    config.listen.addr = "127.0.0.1:0".parse().unwrap();
+    config.admin.addr = "127.0.0.1:0".parse().unwrap();
+    config.upstream.url = upstream_url.parse().unwrap();
+    config.upstream.ca_file = Some(ca_file);
+    config.upstream.timeout = Duration::from_secs(5);
+    config.api_key = ApiKeySource::File(key_file);
+    config.audit.file = dir.join("audit.jsonl");
+    config
+}
+
+impl Harness {
+    /// Starts a stand-in and a gateway in front of it; `customize` adjusts the config.
+    pub async fn start(customize: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ThrowawayCa::new("test CA").unwrap();
+        let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+            .await
+            .unwrap();
+        let mut config = config_for(dir.path(), &ca, &upstream.url());
+        customize(&mut config);
+        Self::start_with(dir, ca, upstream, config).await
+    }
+
+    pub async fn start_with(
+        dir: tempfile::TempDir,
+        ca: ThrowawayCa,
+        upstream: StandIn,
+        config: Config,
+    ) -> Self {
+        let audit_file = config.audit.file.clone();
+        let gateway = Gateway::bind(config).await.unwrap();
+        let addr = gateway.listen_addr();
+        let admin = gateway.admin_addr();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let run = tokio::spawn(async move {
+            gateway
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            dir,
+            ca,
+            upstream,
+            addr,
+            admin,
+            audit_file,
+            stop: Some(stop),
+            run: Some(run),
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Sends a request to the gateway and reads the whole answer.
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> (Response<()>, Bytes) {
+        let response = self.client.request(request).await.unwrap();
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        (Response::from_parts(parts, ()), body)
+    }
+
+    pub async fn post(&self, path: &str) -> (Response<()>, Bytes) {
+        let request = Request::post(self.url(path))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        self.send(request).await
+    }
+
+    pub async fn get(&self, path: &str) -> (Response<()>, Bytes) {
+        let request = Request::get(self.url(path)).body(Full::default()).unwrap();
+        self.send(request).await
+    }
+
+    /// Audit records written so far, parsed.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        read_audit(&self.audit_file)
+    }
+
+    /// Stops the gateway gracefully and waits until it has finished.
+    pub async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(run) = self.run.take() {
+            run.await.unwrap();
+        }
+    }
+}
+
+pub fn read_audit(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("each audit line is JSON"))
+        .collect()
+}
+
+pub fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| {
+        panic!("not JSON ({e}): {}", String::from_utf8_lossy(body))
+    })
+}
