@@ -1,0 +1,185 @@
+//! Broken upstreams and hostile clients: the gateway answers, never hangs, never dies.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{config_for, json, Harness, API_KEY};
+use datafold_gateway::standin::{StandIn, ThrowawayCa};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+/// Starts a gateway whose upstream is `url`, trusting `ca`.
+async fn gateway_to(url: &str, ca: ThrowawayCa, customize: impl FnOnce(&mut datafold_gateway::config::Config)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    // A stand-in is needed by the harness; this one is never called.
+    let unused = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY).await.unwrap();
+    let mut config = config_for(dir.path(), &ca, url);
+    config.upstream.connect_timeout = Duration::from_secs(2);
+    customize(&mut config);
+    Harness::start_with(dir, ca, unused, config).await
+}
+
+async fn assert_upstream_error(h: &mut Harness, status: u16, code: &str) {
+    let started = Instant::now();
+    let (response, body) = h.post("/api/v1/data_sources/1/test").await;
+    assert_eq!(response.status(), status, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["code"], code);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The gateway is still serving after the failure.
+    let (response, _) = h.get("/api/v1/nothing-here").await;
+    assert_eq!(response.status(), 404);
+    h.shutdown().await;
+    let audit = h.audit();
+    assert_eq!(audit[0]["status"], status);
+    assert_eq!(audit[0]["outcome"], "upstream_error");
+    assert_eq!(audit[0]["upstream_status"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn upstream_down_is_502() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let mut h = gateway_to(&url, ThrowawayCa::new("ca").unwrap(), |_| {}).await;
+    assert_upstream_error(&mut h, 502, "upstream_unreachable").await;
+}
+
+#[tokio::test]
+async fn upstream_reset_mid_request_is_502() {
+    let ca = ThrowawayCa::new("ca").unwrap();
+    let acceptor = TlsAcceptor::from(ca.server_config(&["127.0.0.1"]).unwrap());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // Complete TLS, take the request, then drop the connection without answering.
+                if let Ok(mut tls) = acceptor.accept(stream).await {
+                    let mut buf = [0u8; 1024];
+                    let _ = tls.read(&mut buf).await;
+                }
+            });
+        }
+    });
+    let mut h = gateway_to(&url, ca, |_| {}).await;
+    assert_upstream_error(&mut h, 502, "upstream_unreachable").await;
+}
+
+#[tokio::test]
+async fn untrusted_upstream_certificate_is_502_and_nothing_is_sent() {
+    let trusted = ThrowawayCa::new("the CA the gateway trusts").unwrap();
+    let other = ThrowawayCa::new("some other CA").unwrap();
+    let impostor = StandIn::start(other.server_config(&["127.0.0.1"]).unwrap(), API_KEY).await.unwrap();
+    let mut h = gateway_to(&impostor.url(), trusted, |_| {}).await;
+    let (response, body) = h.post("/api/v1/data_sources/1/test").await;
+    assert_eq!(response.status(), 502);
+    assert_eq!(json(&body)["code"], "upstream_unreachable");
+    assert!(impostor.received().is_empty(), "the key went to an untrusted host");
+    h.shutdown().await;
+    assert_eq!(h.audit()[0]["outcome"], "upstream_error");
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_after_upstream_timeout() {
+    let mut h = Harness::start(|c| c.upstream.timeout = Duration::from_millis(300)).await;
+    h.upstream.set_delay(Duration::from_secs(30));
+    let started = Instant::now();
+    let (response, body) = h.post("/api/v1/data_sources/1/test").await;
+    assert_eq!(response.status(), 504);
+    assert_eq!(json(&body)["code"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    h.shutdown().await;
+    assert_eq!(h.audit()[0]["outcome"], "upstream_error");
+    assert_eq!(h.audit()[0]["status"], 504);
+}
+
+#[tokio::test]
+async fn half_sent_request_is_disconnected_after_header_read_timeout() {
+    let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    // A bound on the test, far above the configured timeout: the gateway must close first.
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the gateway kept a half-sent request open");
+    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
+    let mut h = Harness::start(|c| c.limits.idle_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"GET /healthz-is-not-here HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 404"));
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "idle connection was kept open");
+    assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn requests_past_max_concurrent_are_shed_with_503() {
+    let mut h = Harness::start(|c| c.limits.max_concurrent_requests = 1).await;
+    h.upstream.set_delay(Duration::from_secs(2));
+    let slow_url = h.url("/api/v1/data_sources/1/test");
+    let slow = tokio::spawn(async move {
+        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let request = http::Request::post(slow_url).body(Default::default()).unwrap();
+        client.request(request).await.unwrap().status()
+    });
+    // Wait until the slow request has reached the upstream, so it holds the only slot.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while h.upstream.received().is_empty() {
+        assert!(Instant::now() < deadline, "slow request never arrived");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (response, body) = h.post("/api/v1/data_sources/2/test").await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(json(&body)["code"], "overloaded");
+    assert_eq!(slow.await.unwrap(), 200);
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn admin_probes_report_health_and_readiness() {
+    let mut h = Harness::start(|_| {}).await;
+    for path in ["/healthz", "/readyz"] {
+        let mut stream = TcpStream::connect(h.admin).await.unwrap();
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{path}: {answer}");
+    }
+    // The admin listener never forwards.
+    let mut stream = TcpStream::connect(h.admin).await.unwrap();
+    stream
+        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+}
