@@ -16,7 +16,10 @@ pub struct Health {
 }
 
 /// Answers one admin request.
-pub async fn handle<B>(health: Arc<Health>, request: Request<B>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub async fn handle<B>(
+    health: Arc<Health>,
+    request: Request<B>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => {
@@ -50,9 +53,15 @@ mod tests {
     async fn readyz_follows_the_ready_flag_and_healthz_does_not() {
         let health = Arc::new(Health::default());
         assert_eq!(get(&health, "/healthz").await, StatusCode::OK);
-        assert_eq!(get(&health, "/readyz").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get(&health, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         health.ready.store(true, Ordering::Release);
         assert_eq!(get(&health, "/readyz").await, StatusCode::OK);
-        assert_eq!(get(&health, "/metrics-not-yet").await, StatusCode::NOT_FOUND);
+        assert_eq!(
+            get(&health, "/metrics-not-yet").await,
+            StatusCode::NOT_FOUND
+        );
     }
 }

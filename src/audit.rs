@@ -265,7 +265,11 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let mut statuses: Vec<u64> = text
             .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["status"].as_u64().unwrap())
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["status"]
+                    .as_u64()
+                    .unwrap()
+            })
             .collect();
         statuses.sort();
         assert_eq!(statuses, (200..400).collect::<Vec<u64>>());

@@ -121,9 +121,7 @@ impl FromStr for UpstreamUrl {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let uri: Uri = s
-            .parse()
-            .map_err(|e| format!("`{s}` is not a URL: {e}"))?;
+        let uri: Uri = s.parse().map_err(|e| format!("`{s}` is not a URL: {e}"))?;
         if uri.scheme() != Some(&Scheme::HTTPS) {
             return Err(format!(
                 "`{s}` must start with https:// (the API key is never sent in clear text)"
@@ -414,7 +412,8 @@ impl Config {
     /// The effective configuration as TOML, as `check-config` prints it. The config holds only
     /// where the key comes from, never the key itself.
     pub fn redacted_toml(&self) -> String {
-        let mut text = toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"));
+        let mut text =
+            toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"));
         text.push_str("# api key: <redacted>\n");
         text
     }
@@ -437,7 +436,10 @@ impl Config {
         for (key, value) in [
             ("upstream.connect_timeout", self.upstream.connect_timeout),
             ("upstream.timeout", self.upstream.timeout),
-            ("limits.header_read_timeout", self.limits.header_read_timeout),
+            (
+                "limits.header_read_timeout",
+                self.limits.header_read_timeout,
+            ),
             ("limits.idle_timeout", self.limits.idle_timeout),
         ] {
             if value.is_zero() {
@@ -447,11 +449,18 @@ impl Config {
         if self.listen.addr == self.admin.addr && self.listen.addr.port() != 0 {
             return Err(fail(
                 "admin.addr",
-                format!("{} is also listen.addr; give the admin listener its own port", self.admin.addr),
+                format!(
+                    "{} is also listen.addr; give the admin listener its own port",
+                    self.admin.addr
+                ),
             ));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| fail("log.level", format!("`{}` is not a log filter: {e}", self.log.level)))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            fail(
+                "log.level",
+                format!("`{}` is not a log filter: {e}", self.log.level),
+            )
+        })?;
         Ok(())
     }
 }
@@ -515,7 +524,9 @@ mod tests {
 
     #[test]
     fn upstream_prefix_is_kept_without_trailing_slash() {
-        let url: UpstreamUrl = "https://datafold.example.com:8443/datafold/".parse().unwrap();
+        let url: UpstreamUrl = "https://datafold.example.com:8443/datafold/"
+            .parse()
+            .unwrap();
         assert_eq!(
             url.join("/api/v1/data_sources/1/test").unwrap().to_string(),
             "https://datafold.example.com:8443/datafold/api/v1/data_sources/1/test"
@@ -528,7 +539,10 @@ mod tests {
         let file = parse("[api_key]\nfile = \"/run/secrets/key\"\n").unwrap();
         assert_eq!(file.api_key, ApiKeySource::File("/run/secrets/key".into()));
         let both = parse("[api_key]\nfile = \"/k\"\nenv = \"K\"\n").unwrap_err();
-        assert!(both.contains("api_key") && both.contains("not both"), "{both}");
+        assert!(
+            both.contains("api_key") && both.contains("not both"),
+            "{both}"
+        );
         let none = parse("[api_key]\n").unwrap_err();
         assert!(none.contains("api_key"), "{none}");
     }

@@ -6,8 +6,9 @@
 //! the status it promises and the demo fails if one differs: it never claims what did not happen.
 //! The demo key plays the part of the real key, so it is never printed either.
 
+use std::fmt::Display;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
@@ -17,7 +18,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
-use crate::config::{ApiKeySource, Config, RateLimit};
+use crate::config::{ApiKeySource, Config};
 use crate::server::Gateway;
 use crate::standin::{StandIn, ThrowawayCa};
 
@@ -31,38 +32,28 @@ const MAX_BURST: usize = 100;
 const TEST_42: &str = "/api/v1/data_sources/42/test";
 
 pub async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let workdir = std::env::temp_dir().join(format!(
-        "datafold-gateway-demo-{}",
-        uuid::Uuid::new_v4().simple()
-    ));
-    std::fs::create_dir_all(&workdir)
-        .map_err(|e| format!("cannot create {}: {e}", workdir.display()))?;
-    let demo_key = format!("demo-{}", uuid::Uuid::new_v4().simple());
-    let ca = ThrowawayCa::new("datafold-gateway demo CA")
-        .map_err(|e| format!("cannot make the demo CA: {e}"))?;
+    let workdir = std::env::temp_dir().join(format!("datafold-gateway-demo-{}", unique()));
+    std::fs::create_dir_all(&workdir).context(format!("cannot create {}", workdir.display()))?;
+    let demo_key = format!("demo-{}", unique());
+    let ca = ThrowawayCa::new("datafold-gateway demo CA").context("cannot make the demo CA")?;
     let tls = ca
         .server_config(&["127.0.0.1", "localhost"])
-        .map_err(|e| format!("cannot issue the stand-in's certificate: {e}"))?;
+        .context("cannot issue a certificate")?;
     let standin = StandIn::start(tls, &demo_key)
         .await
-        .map_err(|e| format!("cannot start the stand-in for Datafold: {e}"))?;
+        .context("cannot start the stand-in")?;
 
     let ca_path = workdir.join("demo-ca.pem");
     ca.write_cert(&ca_path)
-        .map_err(|e| format!("cannot write {}: {e}", ca_path.display()))?;
+        .context(format!("cannot write {}", ca_path.display()))?;
     let key_path = workdir.join("datafold-api-key");
-    std::fs::write(&key_path, &demo_key)
-        .map_err(|e| format!("cannot write {}: {e}", key_path.display()))?;
-    let (mut config, source) = shipped_config()?;
-    config.upstream.url = standin.url().parse()?;
-    config.upstream.ca_file = Some(ca_path);
-    config.api_key = ApiKeySource::File(key_path.clone());
-    // Ephemeral ports, so the demo runs beside a real gateway on 8080/9090.
-    config.listen.addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.admin.addr = SocketAddr::from(([127, 0, 0, 1], 0));
-    config.audit.file = workdir.join("audit.jsonl");
+    std::fs::write(&key_path, &demo_key).context(format!("cannot write {}", key_path.display()))?;
+    let (config, source) = demo_config(&standin, ca_path, &key_path, &workdir)?;
     let audit_path = config.audit.file.clone();
-    let global = config.rate_limit.global;
+    let global = config
+        .rate_limit
+        .global
+        .map(|l| format!("{:?}, burst {}", l.rate, l.burst));
 
     let gateway = Gateway::bind(config).await?;
     // The gateway reads the key once, at start; the file has done its job.
@@ -75,21 +66,20 @@ pub async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
 
     println!("datafold-gateway demo");
     println!(
-        "  stand-in Datafold  {} (TLS from a throwaway CA; data source 13 fails)",
+        "  stand-in Datafold  {} (data source 13 fails)",
         standin.url()
     );
-    println!("  gateway            http://{listen}  (admin http://{admin})");
+    println!("  gateway            http://{listen} (admin http://{admin})");
     println!("  configuration      {source}, pointed at the stand-in");
-    println!(
-        "  API key            a random demo key in a file, never shown; callers never send it"
-    );
+    println!("  API key            a random demo key, never shown; callers never send it");
 
     let caller = Caller {
         client: Client::builder(TokioExecutor::new()).build_http(),
         base: format!("http://{listen}"),
     };
+    let global = global.unwrap_or_else(|| "none configured".into());
     let shown = async {
-        let first_job = walk_through(&caller, &standin, global).await?;
+        let first_job = walk_through(&caller, &standin, &global).await?;
         print_audit(&audit_path)?;
         Ok::<_, Error>(first_job)
     }
@@ -102,64 +92,82 @@ pub async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
             print_curl_lines(listen, admin, *first_job);
             tokio::signal::ctrl_c()
                 .await
-                .map_err(|e| format!("cannot wait for Ctrl-C: {e}"))
+                .context("cannot wait for Ctrl-C")
         }
         _ => Ok(()),
     };
     let _ = stop.send(());
-    serving
-        .await
-        .map_err(|e| format!("the gateway task failed: {e}"))??;
+    serving.await.context("the gateway task failed")??;
     shown?;
     waited?;
-    println!(
-        "\nGateway stopped. Try it for real: `datafold-gateway serve --config {CONFIG_PATH}`."
-    );
+    println!("\nGateway stopped. For real: `datafold-gateway serve --config {CONFIG_PATH}`.");
     Ok(())
 }
 
-/// `config/gateway.toml` if the demo runs in the source tree, else the same text as shipped.
-fn shipped_config() -> Result<(Config, &'static str), Error> {
+fn unique() -> impl Display {
+    uuid::Uuid::new_v4().simple()
+}
+
+/// The default configuration (`config/gateway.toml` in the source tree, else the same text as
+/// shipped) with only what must change to talk to the stand-in on free ports.
+fn demo_config(
+    standin: &StandIn,
+    ca_path: PathBuf,
+    key_path: &Path,
+    workdir: &Path,
+) -> Result<(Config, &'static str), Error> {
     let path = Path::new(CONFIG_PATH);
-    if path.exists() {
-        return Ok((Config::load(path)?, CONFIG_PATH));
-    }
-    Ok((
-        Config::parse(path, SHIPPED_CONFIG)?,
-        "the shipped config/gateway.toml",
-    ))
+    let (mut config, source) = match path.exists() {
+        true => (Config::load(path)?, CONFIG_PATH),
+        false => (
+            Config::parse(path, SHIPPED_CONFIG)?,
+            "the shipped config/gateway.toml",
+        ),
+    };
+    config.upstream.url = standin.url().parse()?;
+    config.upstream.ca_file = Some(ca_path);
+    config.api_key = ApiKeySource::File(key_path.to_owned());
+    // Ephemeral ports, so the demo runs beside a real gateway on 8080/9090.
+    config.listen.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.admin.addr = SocketAddr::from(([127, 0, 0, 1], 0));
+    config.audit.file = workdir.join("audit.jsonl");
+    Ok((config, source))
 }
 
 /// The steps, each printed as one line; returns the first job id, for the curl lines.
-async fn walk_through(caller: &Caller, standin: &StandIn, global: Option<RateLimit>) -> Result<i64, Error> {
+async fn walk_through(caller: &Caller, standin: &StandIn, global: &str) -> Result<i64, Error> {
     println!("\n1. Start a connection test, then read its result");
     let first_job = job_id(&caller.step("POST", TEST_42, 200).await?)?;
     let poll = format!("/api/v1/data_sources/test/{first_job}");
     caller.step("GET", &poll, 200).await?;
 
     println!("\n2. Data source 13 cannot connect; its result says why");
-    let failing = caller.step("POST", "/api/v1/data_sources/13/test", 200).await?;
-    let poll = format!("/api/v1/data_sources/test/{}", job_id(&failing)?);
+    let failing = caller.step("POST", "/api/v1/data_sources/13/test", 200);
+    let poll = format!("/api/v1/data_sources/test/{}", job_id(&failing.await?)?);
     caller.step("GET", &poll, 200).await?;
 
     println!("\n3. A caller's own Authorization header is replaced by the gateway's key");
-    let answer = caller.send("POST", TEST_42, Some("Key not-the-real-key")).await?;
-    expect(answer, "POST", TEST_42, 200)?;
-    println!("  (sent with `Authorization: Key not-the-real-key`; the stand-in would have answered 401)");
+    let answer = caller.send("POST", TEST_42, Some("Key not-the-real-key"));
+    expect(answer.await?, "POST", TEST_42, 200)?;
+    println!("  (sent with `Authorization: Key not-the-real-key`; the stand-in would answer 401)");
 
     println!("\n4. Refused by the gateway itself, never sent upstream");
     let before = standin.received().len();
-    caller.step("POST", "/api/v1/data_sources/not-a-number/test", 422).await?;
+    let bad_id = "/api/v1/data_sources/not-a-number/test";
+    caller.step("POST", bad_id, 422).await?;
     caller.step("GET", "/api/v1/data_sources", 404).await?;
-    caller.step("POST", "/api/v1/data_sources/42/query", 404).await?;
+    caller
+        .step("POST", "/api/v1/data_sources/42/query", 404)
+        .await?;
     let reached = standin.received().len() - before;
     if reached > 0 {
         return Err(format!("{reached} refused request(s) reached the stand-in").into());
     }
-    println!("  (the listing would show every data source's credentials; none of these reached the stand-in)");
+    println!(
+        "  (the list would show data sources' credentials; none of these reached the stand-in)"
+    );
 
-    let limit = global.map_or("none configured".into(), |l| format!("{:?}, burst {}", l.rate, l.burst));
-    println!("\n5. A burst meets the global rate limit ({limit})");
+    println!("\n5. A burst meets the global rate limit ({global})");
     meet_rate_limit(caller).await?;
     Ok(first_job)
 }
@@ -175,14 +183,16 @@ async fn meet_rate_limit(caller: &Caller) -> Result<(), Error> {
             continue;
         }
         println!("  POST {path:<40} → 200 ×{admitted} (admitted and forwarded)");
-        let retry_after = answer.retry_after.clone().unwrap_or_else(|| "(missing)".into());
-        println!("  POST {path:<40} → {} Retry-After: {retry_after} {}", answer.status.as_u16(), short(&answer.body));
-        return match answer.status {
-            StatusCode::TOO_MANY_REQUESTS => Ok(()),
-            other => Err(format!("POST {path}: expected 200 or 429 in the burst, got {other}").into()),
+        let retry_after = answer.retry_after.as_deref().unwrap_or("(missing)");
+        let (status, body) = (answer.status.as_u16(), short(&answer.body));
+        println!("  POST {path:<40} → {status} Retry-After: {retry_after} {body}");
+        return match status {
+            429 => Ok(()),
+            other => Err(format!("POST {path}: expected 200 or 429, got {other}").into()),
         };
     }
-    Err(format!("no 429 after {MAX_BURST} requests: is [rate_limit.global] set in {CONFIG_PATH}?").into())
+    let hint = format!("is [rate_limit.global] set in {CONFIG_PATH}?");
+    Err(format!("no 429 after {MAX_BURST} requests: {hint}").into())
 }
 
 /// A plain-HTTP client of the gateway, as an internal caller would use it.
@@ -199,22 +209,38 @@ struct Answer {
 
 impl Caller {
     /// POSTs carry `{}` as JSON, as Datafold's own client sends them.
-    async fn send(&self, method: &str, path: &str, authorization: Option<&str>) -> Result<Answer, Error> {
-        let mut request = Request::builder().method(method).uri(format!("{}{path}", self.base));
+    async fn send(&self, method: &str, path: &str, auth: Option<&str>) -> Result<Answer, Error> {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         let mut body = Bytes::new();
         if method == "POST" {
             request = request.header(CONTENT_TYPE, "application/json");
             body = Bytes::from_static(b"{}");
         }
-        if let Some(value) = authorization {
+        if let Some(value) = auth {
             request = request.header(AUTHORIZATION, value);
         }
-        let failed = |e: &dyn std::fmt::Display| format!("{method} {path}: no answer from the gateway: {e}");
-        let response = self.client.request(request.body(Full::new(body))?).await.map_err(|e| failed(&e))?;
+        let failed = format!("{method} {path}: no answer from the gateway");
+        let response = self.client.request(request.body(Full::new(body))?);
+        let response = response.await.context(&failed)?;
         let status = response.status();
-        let retry_after = response.headers().get(RETRY_AFTER).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body = response.into_body().collect().await.map_err(|e| failed(&e))?.to_bytes();
-        Ok(Answer { status, retry_after, body })
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok());
+        let retry_after = retry_after.map(str::to_owned);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .context(&failed)?
+            .to_bytes();
+        Ok(Answer {
+            status,
+            retry_after,
+            body,
+        })
     }
 
     /// Sends a request, prints it as one line, and fails unless the status is `expected`.
@@ -224,22 +250,22 @@ impl Caller {
 }
 
 fn expect(answer: Answer, method: &str, path: &str, expected: u16) -> Result<Answer, Error> {
+    let status = answer.status.as_u16();
     let shown = describe_results(&answer.body).unwrap_or_else(|| short(&answer.body));
-    println!("  {method:<4} {path:<40} → {} {shown}", answer.status.as_u16());
-    match answer.status.as_u16() {
-        status if status == expected => Ok(answer),
-        status => Err(format!("{method} {path}: expected {expected}, got {status}").into()),
+    println!("  {method:<4} {path:<40} → {status} {shown}");
+    match status == expected {
+        true => Ok(answer),
+        false => Err(format!("{method} {path}: expected {expected}, got {status}").into()),
     }
 }
 
 fn job_id(answer: &Answer) -> Result<i64, Error> {
-    serde_json::from_slice::<Value>(&answer.body)
-        .ok()
-        .and_then(|v| v["job_id"].as_i64())
-        .ok_or_else(|| format!("no job_id in the answer: {}", short(&answer.body)).into())
+    let value: Option<Value> = serde_json::from_slice(&answer.body).ok();
+    let job = value.and_then(|v| v["job_id"].as_i64());
+    job.ok_or_else(|| format!("no job_id in the answer: {}", short(&answer.body)).into())
 }
 
-/// A test result in one phrase, since the full JSON does not fit on a line.
+/// A test result in one phrase, since its full JSON does not fit on a line.
 fn describe_results(body: &[u8]) -> Option<String> {
     let value: Value = serde_json::from_slice(body).ok()?;
     let status = value["status"].as_str()?;
@@ -261,7 +287,7 @@ fn truncate(text: &str, max: usize) -> String {
     }
 }
 
-/// (header, field in the audit record); headers abbreviated to keep the table on a screen.
+/// (header, field of the audit record); headers abbreviated to keep the table on a screen.
 const COLUMNS: [(&str, &str); 12] = [
     ("time", "ts"),
     ("caller", "caller"),
@@ -279,18 +305,13 @@ const COLUMNS: [(&str, &str); 12] = [
 /// Columns that differ between otherwise identical requests: time, job, ms.
 const VARYING: [usize; 3] = [0, 6, 11];
 
-/// Prints the audit file as a table, collapsing runs of identical forwarded requests.
+/// Prints the audit file as a table, folding runs of identical forwarded requests into one.
 fn print_audit(path: &Path) -> Result<(), Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).context(format!("cannot read {}", path.display()))?;
     let mut shown: Vec<(Vec<String>, usize)> = Vec::new();
     for line in text.lines() {
-        let record: Value = serde_json::from_str(line)
-            .map_err(|e| format!("{}: not a JSON line: {e}", path.display()))?;
-        let row: Vec<String> = COLUMNS
-            .iter()
-            .map(|(_, field)| cell(field, &record[*field]))
-            .collect();
+        let record: Value = serde_json::from_str(line).context(path.display())?;
+        let row: Vec<String> = COLUMNS.iter().map(|(_, f)| cell(f, &record[*f])).collect();
         let forwarded = record["outcome"] == "forwarded";
         match shown.last_mut() {
             // Refusals are never folded away: each one is something to see.
@@ -298,35 +319,28 @@ fn print_audit(path: &Path) -> Result<(), Error> {
             _ => shown.push((row, 0)),
         }
     }
-    let mut widths: Vec<usize> = COLUMNS
-        .iter()
-        .map(|(header, _)| header.chars().count())
-        .collect();
+    let mut widths: Vec<usize> = COLUMNS.iter().map(|(header, _)| header.len()).collect();
     for (row, _) in &shown {
         for (width, value) in widths.iter_mut().zip(row) {
             *width = (*width).max(value.chars().count());
         }
     }
-    let format_row = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        format!("  {}", padded.join("  ").trim_end())
+    let line = |cells: Vec<&str>| {
+        let padded = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}"));
+        format!("  {}", padded.collect::<Vec<_>>().join("  ").trim_end())
     };
     println!(
-        "\nThe audit trail, one line per request answered ({}):",
+        "\nThe audit trail, one line per request answered: {}",
         path.display()
     );
     println!(
         "{}",
-        format_row(COLUMNS.iter().map(|(header, _)| *header).collect())
+        line(COLUMNS.iter().map(|(header, _)| *header).collect())
     );
     for (row, more) in &shown {
-        println!("{}", format_row(row.iter().map(String::as_str).collect()));
+        println!("{}", line(row.iter().map(String::as_str).collect()));
         if *more > 0 {
-            println!("  {:>w$} … {more} more like this", "", w = widths[0]);
+            println!("  {:w$}  … {more} more like this", "", w = widths[0]);
         }
     }
     println!("  (ds = data_source_id, job = job_id, upstream = upstream_status, ms = duration_ms)");
@@ -344,9 +358,10 @@ fn cell(field: &str, value: &Value) -> String {
         // `2026-01-02T03:04:05.678901Z` → `03:04:05.678`
         ("ts", Value::String(ts)) => ts
             .split_once('T')
-            .map_or(ts.as_str(), |(_, t)| t.get(..12).unwrap_or(t))
-            .to_owned(),
+            .map_or(&ts[..], |(_, t)| t.get(..12).unwrap_or(t))
+            .into(),
         ("path", Value::String(path)) => truncate(path, 32),
+        ("duration_ms", Value::Number(ms)) => format!("{:.2}", ms.as_f64().unwrap_or_default()),
         (_, Value::String(s)) => s.clone(),
         (_, Value::Null) => "-".to_owned(),
         (_, other) => other.to_string(),
@@ -354,14 +369,22 @@ fn cell(field: &str, value: &Value) -> String {
 }
 
 fn print_curl_lines(listen: SocketAddr, admin: SocketAddr, job: i64) {
-    println!("\nThe gateway keeps running until Ctrl-C.");
-    println!("  gateway  http://{listen}");
-    println!("  admin    http://{admin}");
-    println!("Try:");
-    println!(
-        "  curl -s -X POST -H 'content-type: application/json' -d '{{}}' http://{listen}{TEST_42}"
-    );
+    let json = "-H 'content-type: application/json' -d '{}'";
+    println!("\nThe gateway (http://{listen}) and its admin listener (http://{admin})");
+    println!("keep running until Ctrl-C. Try:");
+    println!("  curl -s -X POST {json} http://{listen}{TEST_42}");
     println!("  curl -s http://{listen}/api/v1/data_sources/test/{job}");
     println!("  curl -si http://{listen}/api/v1/data_sources    # 404: never forwarded");
     println!("  curl -s http://{admin}/readyz");
+}
+
+/// Adds what was being done to an error, for messages that say where it went wrong.
+trait Context<T> {
+    fn context(self, doing: impl Display) -> Result<T, Error>;
+}
+
+impl<T, E: Display> Context<T> for Result<T, E> {
+    fn context(self, doing: impl Display) -> Result<T, Error> {
+        self.map_err(|e| format!("{doing}: {e}").into())
+    }
 }

@@ -216,7 +216,9 @@ impl UpstreamFailure {
             Self::Tls => (
                 StatusCode::BAD_GATEWAY,
                 ErrorCode::UpstreamUnreachable,
-                format!("TLS with {upstream} failed (is its certificate trusted? see upstream.ca_file)"),
+                format!(
+                    "TLS with {upstream} failed (is its certificate trusted? see upstream.ca_file)"
+                ),
             ),
             Self::Reset => (
                 StatusCode::BAD_GATEWAY,
@@ -255,7 +257,10 @@ mod tests {
         .unwrap()
         .to_bytes();
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(value["detail"][0]["loc"], serde_json::json!(["path", "job_id"]));
+        assert_eq!(
+            value["detail"][0]["loc"],
+            serde_json::json!(["path", "job_id"])
+        );
         assert_eq!(value["detail"][0]["type"], "int_parsing");
     }
 

@@ -8,7 +8,10 @@ use datafold_gateway::config::Config;
 use datafold_gateway::{demo, server, telemetry};
 
 #[derive(Parser)]
-#[command(version, about = "Forward Datafold connection tests with a key callers never see")]
+#[command(
+    version,
+    about = "Forward Datafold connection tests with a key callers never see"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,7 +20,11 @@ struct Cli {
 #[derive(clap::Args)]
 struct ConfigArg {
     /// The configuration file (TOML).
-    #[arg(long, env = "DATAFOLD_GATEWAY_CONFIG", default_value = "config/gateway.toml")]
+    #[arg(
+        long,
+        env = "DATAFOLD_GATEWAY_CONFIG",
+        default_value = "config/gateway.toml"
+    )]
     config: PathBuf,
 }
 
@@ -37,7 +44,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -45,7 +45,8 @@ impl ApiKey {
                 }
             },
         };
-        Self::from_secret(&raw).map_err(|problem| KeyError(format!("{}: {problem}", describe(source))))
+        Self::from_secret(&raw)
+            .map_err(|problem| KeyError(format!("{}: {problem}", describe(source))))
     }
 
     /// Builds the header from a key; the error says what is wrong without quoting the key.

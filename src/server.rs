@@ -88,12 +88,18 @@ pub struct Gateway {
 impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, StartError> {
         let prepared = prepare(&config)?;
-        let listener = TcpListener::bind(config.listen.addr)
-            .await
-            .map_err(|e| StartError(format!("listen.addr: cannot listen on {}: {e}", config.listen.addr)))?;
-        let admin = TcpListener::bind(config.admin.addr)
-            .await
-            .map_err(|e| StartError(format!("admin.addr: cannot listen on {}: {e}", config.admin.addr)))?;
+        let listener = TcpListener::bind(config.listen.addr).await.map_err(|e| {
+            StartError(format!(
+                "listen.addr: cannot listen on {}: {e}",
+                config.listen.addr
+            ))
+        })?;
+        let admin = TcpListener::bind(config.admin.addr).await.map_err(|e| {
+            StartError(format!(
+                "admin.addr: cannot listen on {}: {e}",
+                config.admin.addr
+            ))
+        })?;
         let audit = AuditLog::open(&config.audit.file).map_err(|e| StartError(e.to_string()))?;
         Ok(Self {
             config: Arc::new(config),
@@ -105,11 +111,15 @@ impl Gateway {
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("a bound socket has an address")
+        self.listener
+            .local_addr()
+            .expect("a bound socket has an address")
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().expect("a bound socket has an address")
+        self.admin
+            .local_addr()
+            .expect("a bound socket has an address")
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
@@ -122,7 +132,10 @@ impl Gateway {
             admin,
         } = self;
         let limiters = Arc::new(Limiters::new(&config.rate_limit));
-        tokio::spawn(Limiters::sweep_every(Arc::downgrade(&limiters), LIMITER_SWEEP));
+        tokio::spawn(Limiters::sweep_every(
+            Arc::downgrade(&limiters),
+            LIMITER_SWEEP,
+        ));
         let stack = stack::build::<Incoming>(StackParts {
             config: config.clone(),
             key: prepared.key,
@@ -133,7 +146,9 @@ impl Gateway {
 
         let health = Arc::new(Health::default());
         let (stop_tx, stop_rx) = watch::channel(false);
-        let listen_addr = listener.local_addr().map_err(|e| StartError(e.to_string()))?;
+        let listen_addr = listener
+            .local_addr()
+            .map_err(|e| StartError(e.to_string()))?;
         let admin_addr = admin.local_addr().map_err(|e| StartError(e.to_string()))?;
         // The admin listener keeps answering probes (readyz: 503) while requests drain.
         let admin_task = tokio::spawn(serve_admin(admin, health.clone()));

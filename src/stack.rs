@@ -67,7 +67,9 @@ where
         // Every answer from here inward is audited, refusals included.
         .layer(AuditLayer::new(parts.audit))
         // Shedding comes before any work is done for the request.
-        .layer(ShedOverloadLayer::new(config.limits.max_concurrent_requests))
+        .layer(ShedOverloadLayer::new(
+            config.limits.max_concurrent_requests,
+        ))
         // Who is calling; authenticated modes refuse strangers here, before anything else.
         .layer(IdentifyCallerLayer::new(config.callers.mode))
         // The allow-list: only the two test endpoints go further.

@@ -195,7 +195,11 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<St
 
 async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     state.received.lock().expect("not poisoned").push(Received {
         method: parts.method.clone(),
         target: parts
@@ -223,7 +227,10 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         .get(http::header::AUTHORIZATION)
         .is_some_and(|v| v.as_bytes() == state.expected_authorization.as_bytes());
     if !authorized {
-        return json(StatusCode::UNAUTHORIZED, serde_json::json!({"detail": "Invalid API key"}));
+        return json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"detail": "Invalid API key"}),
+        );
     }
     let segments: Vec<&str> = parts.uri.path().split('/').collect();
     match (&parts.method, segments.as_slice()) {
@@ -239,17 +246,30 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             }
             Err(_) => invalid("data_source_id"),
         },
-        (&Method::GET, ["", "api", "v1", "data_sources", "test", job]) => match job.parse::<i64>() {
-            Ok(job_id) => {
-                let data_source_id = state.jobs.lock().expect("not poisoned").get(&job_id).copied();
-                match data_source_id {
-                    Some(id) => json(StatusCode::OK, results(job_id, id)),
-                    None => json(StatusCode::NOT_FOUND, serde_json::json!({"detail": "Job not found"})),
+        (&Method::GET, ["", "api", "v1", "data_sources", "test", job]) => {
+            match job.parse::<i64>() {
+                Ok(job_id) => {
+                    let data_source_id = state
+                        .jobs
+                        .lock()
+                        .expect("not poisoned")
+                        .get(&job_id)
+                        .copied();
+                    match data_source_id {
+                        Some(id) => json(StatusCode::OK, results(job_id, id)),
+                        None => json(
+                            StatusCode::NOT_FOUND,
+                            serde_json::json!({"detail": "Job not found"}),
+                        ),
+                    }
                 }
+                Err(_) => invalid("job_id"),
             }
-            Err(_) => invalid("job_id"),
-        },
-        _ => json(StatusCode::NOT_FOUND, serde_json::json!({"detail": "Not Found"})),
+        }
+        _ => json(
+            StatusCode::NOT_FOUND,
+            serde_json::json!({"detail": "Not Found"}),
+        ),
     }
 }
 

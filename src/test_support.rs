@@ -32,11 +32,23 @@ impl Recorder {
     }
 
     pub fn last_headers(&self) -> HeaderMap {
-        self.seen.lock().unwrap().last().expect("a call").headers().clone()
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .expect("a call")
+            .headers()
+            .clone()
     }
 
     pub fn last_extension<T: Clone + Send + Sync + 'static>(&self) -> Option<T> {
-        self.seen.lock().unwrap().last()?.extensions().get::<T>().cloned()
+        self.seen
+            .lock()
+            .unwrap()
+            .last()?
+            .extensions()
+            .get::<T>()
+            .cloned()
     }
 }
 

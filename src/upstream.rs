@@ -33,7 +33,7 @@ use serde::Deserialize;
 use tower::Service;
 
 use crate::audit::{AuditFacts, Outcome};
-use crate::config::{UpstreamUrl, Upstream as UpstreamConfig};
+use crate::config::{Upstream as UpstreamConfig, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
 use crate::middleware::route::Route;
 use crate::Body;
@@ -56,7 +56,10 @@ pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
                 format!("upstream.ca_file: {} is not valid PEM: {e}", path.display())
             })?;
             roots.add(cert).map_err(|e| {
-                format!("upstream.ca_file: {} holds an unusable certificate: {e}", path.display())
+                format!(
+                    "upstream.ca_file: {} holds an unusable certificate: {e}",
+                    path.display()
+                )
             })?;
             added += 1;
         }
@@ -192,7 +195,9 @@ impl Shared {
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
-        parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         let mut upstream_request = Request::new(Full::new(body));
         *upstream_request.method_mut() = parts.method;
         *upstream_request.uri_mut() = uri;
@@ -223,7 +228,9 @@ impl Shared {
 
         let job_id = match route {
             Route::TestConnection { .. } if parts.status == StatusCode::OK => {
-                serde_json::from_slice::<TestStarted>(&body).ok().map(|t| t.job_id)
+                serde_json::from_slice::<TestStarted>(&body)
+                    .ok()
+                    .map(|t| t.job_id)
             }
             _ => None,
         };
@@ -232,7 +239,9 @@ impl Shared {
         parts.extensions = http::Extensions::new();
         let status = parts.status.as_u16();
         let mut response = Response::from_parts(parts, Body::from(body));
-        let facts = response.extensions_mut().get_or_insert_default::<AuditFacts>();
+        let facts = response
+            .extensions_mut()
+            .get_or_insert_default::<AuditFacts>();
         facts.outcome = Some(Outcome::Forwarded);
         facts.upstream_status = Some(status);
         if job_id.is_some() {
@@ -276,12 +285,21 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_and_the_ones_connection_names_are_removed() {
         let mut headers = HeaderMap::new();
-        headers.insert(CONNECTION, HeaderValue::from_static("keep-alive, X-Secret-Hop"));
+        headers.insert(
+            CONNECTION,
+            HeaderValue::from_static("keep-alive, X-Secret-Hop"),
+        );
         headers.insert("x-secret-hop", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         remove_hop_by_hop(&mut headers);
         let left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(left, ["content-type"]);
@@ -293,6 +311,9 @@ mod tests {
         let path = dir.path().join("empty.pem");
         std::fs::write(&path, "not a certificate\n").unwrap();
         let err = root_store(Some(&path)).unwrap_err();
-        assert!(err.contains("upstream.ca_file") && err.contains("empty.pem"), "{err}");
+        assert!(
+            err.contains("upstream.ca_file") && err.contains("empty.pem"),
+            "{err}"
+        );
     }
 }

@@ -11,10 +11,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
 /// Starts a gateway whose upstream is `url`, trusting `ca`.
-async fn gateway_to(url: &str, ca: ThrowawayCa, customize: impl FnOnce(&mut datafold_gateway::config::Config)) -> Harness {
+async fn gateway_to(
+    url: &str,
+    ca: ThrowawayCa,
+    customize: impl FnOnce(&mut datafold_gateway::config::Config),
+) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     // A stand-in is needed by the harness; this one is never called.
-    let unused = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY).await.unwrap();
+    let unused = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
     let mut config = config_for(dir.path(), &ca, url);
     config.upstream.connect_timeout = Duration::from_secs(2);
     customize(&mut config);
@@ -24,7 +30,12 @@ async fn gateway_to(url: &str, ca: ThrowawayCa, customize: impl FnOnce(&mut data
 async fn assert_upstream_error(h: &mut Harness, status: u16, code: &str) {
     let started = Instant::now();
     let (response, body) = h.post("/api/v1/data_sources/1/test").await;
-    assert_eq!(response.status(), status, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(
+        response.status(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
     assert_eq!(json(&body)["code"], code);
     assert!(started.elapsed() < Duration::from_secs(10));
     // The gateway is still serving after the failure.
@@ -72,12 +83,17 @@ async fn upstream_reset_mid_request_is_502() {
 async fn untrusted_upstream_certificate_is_502_and_nothing_is_sent() {
     let trusted = ThrowawayCa::new("the CA the gateway trusts").unwrap();
     let other = ThrowawayCa::new("some other CA").unwrap();
-    let impostor = StandIn::start(other.server_config(&["127.0.0.1"]).unwrap(), API_KEY).await.unwrap();
+    let impostor = StandIn::start(other.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
     let mut h = gateway_to(&impostor.url(), trusted, |_| {}).await;
     let (response, body) = h.post("/api/v1/data_sources/1/test").await;
     assert_eq!(response.status(), 502);
     assert_eq!(json(&body)["code"], "upstream_unreachable");
-    assert!(impostor.received().is_empty(), "the key went to an untrusted host");
+    assert!(
+        impostor.received().is_empty(),
+        "the key went to an untrusted host"
+    );
     h.shutdown().await;
     assert_eq!(h.audit()[0]["outcome"], "upstream_error");
 }
@@ -90,7 +106,11 @@ async fn slow_upstream_is_504_after_upstream_timeout() {
     let (response, body) = h.post("/api/v1/data_sources/1/test").await;
     assert_eq!(response.status(), 504);
     assert_eq!(json(&body)["code"], "upstream_timeout");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     h.shutdown().await;
     assert_eq!(h.audit()[0]["outcome"], "upstream_error");
     assert_eq!(h.audit()[0]["status"], 504);
@@ -109,7 +129,11 @@ async fn half_sent_request_is_disconnected_after_header_read_timeout() {
     // A bound on the test, far above the configured timeout: the gateway must close first.
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the gateway kept a half-sent request open");
-    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(h.upstream.received().is_empty());
     h.shutdown().await;
 }
@@ -129,7 +153,11 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let mut rest = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "idle connection was kept open");
-    assert!(started.elapsed() >= Duration::from_millis(200), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
     h.shutdown().await;
 }
 
@@ -139,9 +167,12 @@ async fn requests_past_max_concurrent_are_shed_with_503() {
     h.upstream.set_delay(Duration::from_secs(2));
     let slow_url = h.url("/api/v1/data_sources/1/test");
     let slow = tokio::spawn(async move {
-        let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build_http::<http_body_util::Full<bytes::Bytes>>();
-        let request = http::Request::post(slow_url).body(Default::default()).unwrap();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let request = http::Request::post(slow_url)
+            .body(Default::default())
+            .unwrap();
         client.request(request).await.unwrap().status()
     });
     // Wait until the slow request has reached the upstream, so it holds the only slot.
@@ -164,7 +195,9 @@ async fn admin_probes_report_health_and_readiness() {
     for path in ["/healthz", "/readyz"] {
         let mut stream = TcpStream::connect(h.admin).await.unwrap();
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").as_bytes(),
+            )
             .await
             .unwrap();
         let mut answer = String::new();
@@ -174,7 +207,9 @@ async fn admin_probes_report_health_and_readiness() {
     // The admin listener never forwards.
     let mut stream = TcpStream::connect(h.admin).await.unwrap();
     stream
-        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .write_all(
+            b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+        )
         .await
         .unwrap();
     let mut answer = String::new();

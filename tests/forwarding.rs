@@ -29,8 +29,14 @@ async fn test_start_is_forwarded_with_the_key_and_its_answer_passes_through() {
     assert_eq!(received[0].method, "POST");
     assert_eq!(received[0].target, "/api/v1/data_sources/42/test");
     assert_eq!(received[0].body, Bytes::from_static(b"{}"));
-    assert_eq!(received[0].headers["authorization"], format!("Key {API_KEY}"));
-    assert_eq!(received[1].target, format!("/api/v1/data_sources/test/{job_id}"));
+    assert_eq!(
+        received[0].headers["authorization"],
+        format!("Key {API_KEY}")
+    );
+    assert_eq!(
+        received[1].target,
+        format!("/api/v1/data_sources/test/{job_id}")
+    );
     h.shutdown().await;
 }
 
@@ -69,7 +75,10 @@ async fn host_is_the_upstreams_and_query_and_hop_by_hop_headers_are_dropped() {
     assert_eq!(response.status(), 200);
     let seen = &h.upstream.received()[0];
     assert_eq!(seen.target, "/api/v1/data_sources/5/test");
-    assert_eq!(seen.host.as_deref(), Some(h.upstream.addr().to_string().as_str()));
+    assert_eq!(
+        seen.host.as_deref(),
+        Some(h.upstream.addr().to_string().as_str())
+    );
     assert!(seen.headers.get("x-private-hop").is_none());
     assert!(seen.headers.get("connection").is_none());
     assert!(seen.headers.get("te").is_none());
@@ -81,14 +90,62 @@ async fn host_is_the_upstreams_and_query_and_hop_by_hop_headers_are_dropped() {
 async fn refused_requests_never_reach_upstream() {
     let mut h = Harness::start(|c| c.limits.max_body_bytes = 1024).await;
     let cases: Vec<(Request<Full<Bytes>>, u16, &str)> = vec![
-        (Request::get(h.url("/api/v1/data_sources")).body(Full::default()).unwrap(), 404, "not_found"),
-        (Request::post(h.url("/api/v1/data_sources/1/query")).body(Full::default()).unwrap(), 404, "not_found"),
-        (Request::get(h.url("/api/v1/data_sources/1")).body(Full::default()).unwrap(), 404, "not_found"),
-        (Request::get(h.url("/api/v1/audit_logs")).body(Full::default()).unwrap(), 404, "not_found"),
-        (Request::post(h.url("/api/v1/data_sources/1/test/")).body(Full::default()).unwrap(), 404, "not_found"),
-        (Request::post(h.url("/api/v1/data_sources/1%2Fquery/test")).body(Full::default()).unwrap(), 404, "not_found"),
-        (Request::get(h.url("/api/v1/data_sources/1/test")).body(Full::default()).unwrap(), 405, "method_not_allowed"),
-        (Request::post(h.url("/api/v1/data_sources/test/9")).body(Full::default()).unwrap(), 405, "method_not_allowed"),
+        (
+            Request::get(h.url("/api/v1/data_sources"))
+                .body(Full::default())
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            Request::post(h.url("/api/v1/data_sources/1/query"))
+                .body(Full::default())
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            Request::get(h.url("/api/v1/data_sources/1"))
+                .body(Full::default())
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            Request::get(h.url("/api/v1/audit_logs"))
+                .body(Full::default())
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            Request::post(h.url("/api/v1/data_sources/1/test/"))
+                .body(Full::default())
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            Request::post(h.url("/api/v1/data_sources/1%2Fquery/test"))
+                .body(Full::default())
+                .unwrap(),
+            404,
+            "not_found",
+        ),
+        (
+            Request::get(h.url("/api/v1/data_sources/1/test"))
+                .body(Full::default())
+                .unwrap(),
+            405,
+            "method_not_allowed",
+        ),
+        (
+            Request::post(h.url("/api/v1/data_sources/test/9"))
+                .body(Full::default())
+                .unwrap(),
+            405,
+            "method_not_allowed",
+        ),
         (
             Request::post(h.url("/api/v1/data_sources/1/test"))
                 .body(Full::new(Bytes::from(vec![b'x'; 2048])))
@@ -104,7 +161,11 @@ async fn refused_requests_never_reach_upstream() {
         assert_eq!(json(&body)["code"], code, "{target}");
         assert_eq!(response.headers()["content-type"], "application/json");
     }
-    assert!(h.upstream.received().is_empty(), "{:?}", h.upstream.received());
+    assert!(
+        h.upstream.received().is_empty(),
+        "{:?}",
+        h.upstream.received()
+    );
     h.shutdown().await;
 }
 
@@ -128,9 +189,14 @@ async fn non_integer_ids_get_datafolds_422_without_calling_upstream() {
         json(&body),
         serde_json::json!({"detail":[{"loc":["path","data_source_id"],"msg":"Input should be a valid integer, unable to parse string as an integer","type":"int_parsing"}]})
     );
-    let (response, body) = h.get("/api/v1/data_sources/test/99999999999999999999").await;
+    let (response, body) = h
+        .get("/api/v1/data_sources/test/99999999999999999999")
+        .await;
     assert_eq!(response.status(), 422);
-    assert_eq!(json(&body)["detail"][0]["loc"], serde_json::json!(["path", "job_id"]));
+    assert_eq!(
+        json(&body)["detail"][0]["loc"],
+        serde_json::json!(["path", "job_id"])
+    );
     assert!(h.upstream.received().is_empty());
     h.shutdown().await;
 }
@@ -153,7 +219,12 @@ async fn four_mib_body_is_refused_413_declared_or_chunked() {
     let chunk = vec![b'a'; 64 * 1024];
     let mut answer = Vec::new();
     for _ in 0..64 {
-        let framed = [format!("{:x}\r\n", chunk.len()).into_bytes(), chunk.clone(), b"\r\n".to_vec()].concat();
+        let framed = [
+            format!("{:x}\r\n", chunk.len()).into_bytes(),
+            chunk.clone(),
+            b"\r\n".to_vec(),
+        ]
+        .concat();
         if stream.write_all(&framed).await.is_err() {
             break; // the gateway answered and closed; read what it said
         }
@@ -178,7 +249,11 @@ async fn content_length_with_transfer_encoding_cannot_smuggle_a_second_request()
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_to_end(&mut answer),
+    )
+    .await;
     let answer = String::from_utf8_lossy(&answer);
     // hyper lets Transfer-Encoding win, reads the empty chunked body, and closes the
     // connection instead of reading on: the smuggled bytes are never parsed as a request.
@@ -200,20 +275,32 @@ async fn request_id_is_kept_when_sane_and_made_when_not() {
         .unwrap();
     let (response, _) = h.send(request).await;
     assert_eq!(response.headers()["x-request-id"], "ci-build-1234.5");
-    assert_eq!(h.upstream.received()[0].headers["x-request-id"], "ci-build-1234.5");
+    assert_eq!(
+        h.upstream.received()[0].headers["x-request-id"],
+        "ci-build-1234.5"
+    );
 
     let request = Request::post(h.url("/api/v1/data_sources/3/test"))
         .header("x-request-id", "bad id\" with quotes")
         .body(Full::new(Bytes::from_static(b"{}")))
         .unwrap();
     let (response, _) = h.send(request).await;
-    let made = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let made = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     assert_ne!(made, "bad id\" with quotes");
     assert_eq!(made.len(), 36, "a UUID: {made}");
-    assert_eq!(h.upstream.received()[1].headers["x-request-id"], made.as_str());
+    assert_eq!(
+        h.upstream.received()[1].headers["x-request-id"],
+        made.as_str()
+    );
 
     let (response, _) = h.get("/not/a/route").await;
-    let refused_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let refused_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
 
     h.shutdown().await;
     let audit = h.audit();
@@ -248,6 +335,9 @@ async fn http2_callers_are_served_too() {
     let response = client.request(request).await.unwrap();
     assert_eq!(response.version(), http::Version::HTTP_2);
     assert_eq!(response.status(), 200);
-    assert_eq!(h.upstream.received()[0].headers["authorization"], format!("Key {API_KEY}"));
+    assert_eq!(
+        h.upstream.received()[0].headers["authorization"],
+        format!("Key {API_KEY}")
+    );
     h.shutdown().await;
 }

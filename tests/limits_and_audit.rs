@@ -15,18 +15,29 @@ fn limit(rate: &str, burst: u32) -> Option<RateLimit> {
 }
 
 fn retry_after(response: &http::Response<()>) -> u64 {
-    response.headers()["retry-after"].to_str().unwrap().parse().unwrap()
+    response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test]
 async fn global_limit_answers_429_with_retry_after_and_does_not_forward() {
     let mut h = Harness::start(|c| c.rate_limit.global = limit("2/min", 2)).await;
     assert_eq!(h.post("/api/v1/data_sources/1/test").await.0.status(), 200);
-    assert_eq!(h.get("/api/v1/data_sources/test/1001").await.0.status(), 200);
+    assert_eq!(
+        h.get("/api/v1/data_sources/test/1001").await.0.status(),
+        200
+    );
     let (response, body) = h.post("/api/v1/data_sources/2/test").await;
     assert_eq!(response.status(), 429);
     // One request earns back every 30 s: that, not the minute, is the wait.
-    assert!((1..=30).contains(&retry_after(&response)), "{:?}", response.headers());
+    assert!(
+        (1..=30).contains(&retry_after(&response)),
+        "{:?}",
+        response.headers()
+    );
     let body = json(&body);
     assert_eq!(body["code"], "rate_limited");
     assert_eq!(body["limit"], "global");
@@ -58,8 +69,14 @@ async fn per_data_source_limit_counts_test_starts_of_that_source_only() {
     let mut h = Harness::start(|c| c.rate_limit.per_data_source = limit("1/h", 1)).await;
     assert_eq!(h.post("/api/v1/data_sources/42/test").await.0.status(), 200);
     assert_eq!(h.post("/api/v1/data_sources/43/test").await.0.status(), 200);
-    assert_eq!(h.get("/api/v1/data_sources/test/1001").await.0.status(), 200);
-    assert_eq!(h.get("/api/v1/data_sources/test/1001").await.0.status(), 200);
+    assert_eq!(
+        h.get("/api/v1/data_sources/test/1001").await.0.status(),
+        200
+    );
+    assert_eq!(
+        h.get("/api/v1/data_sources/test/1001").await.0.status(),
+        200
+    );
     let (response, body) = h.post("/api/v1/data_sources/42/test").await;
     assert_eq!(response.status(), 429);
     assert!(retry_after(&response) >= 1);
@@ -87,8 +104,20 @@ async fn every_answer_is_audited_with_all_fields() {
     let audit = h.audit();
     assert_eq!(audit.len(), 7);
     let fields = [
-        "ts", "request_id", "caller", "peer", "method", "path", "route", "data_source_id",
-        "job_id", "status", "outcome", "limit", "upstream_status", "duration_ms",
+        "ts",
+        "request_id",
+        "caller",
+        "peer",
+        "method",
+        "path",
+        "route",
+        "data_source_id",
+        "job_id",
+        "status",
+        "outcome",
+        "limit",
+        "upstream_status",
+        "duration_ms",
     ];
     for record in &audit {
         let object = record.as_object().unwrap();
@@ -98,7 +127,9 @@ async fn every_answer_is_audited_with_all_fields() {
         assert_eq!(record["caller"], "127.0.0.1");
         assert!(record["peer"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert!(record["ts"].as_str().unwrap().ends_with('Z'));
-        assert!(record["request_id"].as_str().is_some_and(|id| !id.is_empty()));
+        assert!(record["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty()));
         assert!(record["duration_ms"].as_f64().unwrap() >= 0.0);
         assert!(!record.to_string().contains(API_KEY));
     }
@@ -118,13 +149,69 @@ async fn every_answer_is_audited_with_all_fields() {
         .collect();
     use serde_json::json as j;
     let expected = vec![
-        ("POST".into(), j!("test_connection"), j!(42), j!(job_id), 200, "forwarded".into(), j!(200)),
-        ("GET".into(), j!("test_result"), j!(null), j!(job_id), 200, "forwarded".into(), j!(200)),
-        ("GET".into(), j!(null), j!(null), j!(null), 404, "rejected".into(), j!(null)),
-        ("GET".into(), j!(null), j!(null), j!(null), 405, "rejected".into(), j!(null)),
-        ("POST".into(), j!("test_connection"), j!(null), j!(null), 422, "rejected".into(), j!(null)),
-        ("POST".into(), j!("test_connection"), j!(43), j!(job_id + 1), 200, "forwarded".into(), j!(200)),
-        ("POST".into(), j!("test_connection"), j!(44), j!(null), 429, "rate_limited".into(), j!(null)),
+        (
+            "POST".into(),
+            j!("test_connection"),
+            j!(42),
+            j!(job_id),
+            200,
+            "forwarded".into(),
+            j!(200),
+        ),
+        (
+            "GET".into(),
+            j!("test_result"),
+            j!(null),
+            j!(job_id),
+            200,
+            "forwarded".into(),
+            j!(200),
+        ),
+        (
+            "GET".into(),
+            j!(null),
+            j!(null),
+            j!(null),
+            404,
+            "rejected".into(),
+            j!(null),
+        ),
+        (
+            "GET".into(),
+            j!(null),
+            j!(null),
+            j!(null),
+            405,
+            "rejected".into(),
+            j!(null),
+        ),
+        (
+            "POST".into(),
+            j!("test_connection"),
+            j!(null),
+            j!(null),
+            422,
+            "rejected".into(),
+            j!(null),
+        ),
+        (
+            "POST".into(),
+            j!("test_connection"),
+            j!(43),
+            j!(job_id + 1),
+            200,
+            "forwarded".into(),
+            j!(200),
+        ),
+        (
+            "POST".into(),
+            j!("test_connection"),
+            j!(44),
+            j!(null),
+            429,
+            "rate_limited".into(),
+            j!(null),
+        ),
     ];
     assert_eq!(summary, expected);
     assert_eq!(audit[2]["path"], "/api/v1/data_sources/42");

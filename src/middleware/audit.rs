@@ -80,7 +80,10 @@ where
                 .get(X_REQUEST_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
-            peer: request.extensions().get::<Peer>().map(|p| p.addr.to_string()),
+            peer: request
+                .extensions()
+                .get::<Peer>()
+                .map(|p| p.addr.to_string()),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
         };
@@ -88,7 +91,10 @@ where
         let log = self.log.clone();
         Box::pin(async move {
             let Ok(mut response) = response.await;
-            let facts = response.extensions_mut().remove::<AuditFacts>().unwrap_or_default();
+            let facts = response
+                .extensions_mut()
+                .remove::<AuditFacts>()
+                .unwrap_or_default();
             let record = Record {
                 ts: humantime::format_rfc3339_micros(seen.ts).to_string(),
                 request_id: seen.request_id.as_deref(),
@@ -143,7 +149,9 @@ mod tests {
             .header(X_REQUEST_ID, "req-1")
             .body(Body::default())
             .unwrap();
-        request.extensions_mut().insert(Peer::new("10.0.0.7:40000".parse().unwrap()));
+        request
+            .extensions_mut()
+            .insert(Peer::new("10.0.0.7:40000".parse().unwrap()));
         let response = service.oneshot(request).await.unwrap();
         assert!(response.extensions().get::<AuditFacts>().is_none());
 

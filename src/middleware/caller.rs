@@ -88,7 +88,10 @@ where
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let caller = match self.mode {
             CallerMode::Open => {
-                let ip = request.extensions().get::<Peer>().map(|peer| peer.ip.clone());
+                let ip = request
+                    .extensions()
+                    .get::<Peer>()
+                    .map(|peer| peer.ip.clone());
                 CallerId(ip.unwrap_or_else(|| Arc::from("unknown")))
             }
         };
@@ -112,7 +115,10 @@ mod tests {
             .extensions_mut()
             .insert(Peer::new("10.1.2.3:55000".parse().unwrap()));
         let response = service.oneshot(request).await.unwrap();
-        assert_eq!(recorder.last_extension::<CallerId>(), Some(CallerId("10.1.2.3".into())));
+        assert_eq!(
+            recorder.last_extension::<CallerId>(),
+            Some(CallerId("10.1.2.3".into()))
+        );
         let facts = response.extensions().get::<AuditFacts>().unwrap();
         assert_eq!(facts.caller.as_deref(), Some("10.1.2.3"));
     }

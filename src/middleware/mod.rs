@@ -41,7 +41,11 @@ pub trait Fact {
 
 /// Adds `fact` to a response's [`AuditFacts`].
 pub fn record_fact(response: &mut Response<Body>, fact: impl Fact) {
-    fact.record(response.extensions_mut().get_or_insert_default::<AuditFacts>());
+    fact.record(
+        response
+            .extensions_mut()
+            .get_or_insert_default::<AuditFacts>(),
+    );
 }
 
 pin_project! {

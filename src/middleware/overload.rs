@@ -113,12 +113,23 @@ mod tests {
         let service = ShedOverloadLayer::new(1).layer(slow);
         let mut holder = service.clone();
         // `call` takes the only permit; the future keeps it until the answer is ready.
-        let first = holder.ready().await.unwrap().call(Request::new(Body::default()));
-        let second = service.clone().oneshot(Request::new(Body::default())).await.unwrap();
+        let first = holder
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(Body::default()));
+        let second = service
+            .clone()
+            .oneshot(Request::new(Body::default()))
+            .await
+            .unwrap();
         assert_eq!(second.status(), 503);
         release.send(()).unwrap();
         assert_eq!(first.await.unwrap().status(), 200);
-        let after = service.oneshot(Request::new(Body::default())).await.unwrap();
+        let after = service
+            .oneshot(Request::new(Body::default()))
+            .await
+            .unwrap();
         assert_eq!(after.status(), 200);
     }
 }

@@ -41,7 +41,10 @@ impl std::fmt::Debug for Limiters {
         f.debug_struct("Limiters")
             .field("global", &self.global.is_some())
             .field("per_caller", &self.per_caller.as_ref().map(|l| l.len()))
-            .field("per_data_source", &self.per_data_source.as_ref().map(|l| l.len()))
+            .field(
+                "per_data_source",
+                &self.per_data_source.as_ref().map(|l| l.len()),
+            )
             .finish()
     }
 }
@@ -55,8 +58,14 @@ fn quota(limit: &RateLimit) -> Quota {
 impl Limiters {
     pub fn new(config: &RateLimits) -> Self {
         Self {
-            global: config.global.as_ref().map(|l| DefaultDirectRateLimiter::direct(quota(l))),
-            per_caller: config.per_caller.as_ref().map(|l| DefaultKeyedRateLimiter::keyed(quota(l))),
+            global: config
+                .global
+                .as_ref()
+                .map(|l| DefaultDirectRateLimiter::direct(quota(l))),
+            per_caller: config
+                .per_caller
+                .as_ref()
+                .map(|l| DefaultKeyedRateLimiter::keyed(quota(l))),
             per_data_source: config
                 .per_data_source
                 .as_ref()
@@ -68,7 +77,11 @@ impl Limiters {
     /// Admits a request or says which limit refused it and how long until it would admit it.
     /// Both routes count against the global and per-caller limits; only starting a test counts
     /// against its data source.
-    pub fn check(&self, caller: Option<&CallerId>, route: Option<&Route>) -> Result<(), (Limit, Duration)> {
+    pub fn check(
+        &self,
+        caller: Option<&CallerId>,
+        route: Option<&Route>,
+    ) -> Result<(), (Limit, Duration)> {
         if let (Some(limiter), Some(caller)) = (&self.per_caller, caller) {
             limiter
                 .check_key(&caller.0)
@@ -180,8 +193,8 @@ mod tests {
     use crate::audit::{AuditFacts, Outcome};
     use crate::config::Rate;
     use crate::test_support::Recorder;
-    use http_body_util::BodyExt;
     use http::Method;
+    use http_body_util::BodyExt;
     use std::num::NonZeroU32;
     use tower::ServiceExt;
 
@@ -200,7 +213,10 @@ mod tests {
     }
 
     fn request(caller: &str, route: Route) -> Request<Body> {
-        let mut request = Request::builder().method(method_of(&route)).body(Body::default()).unwrap();
+        let mut request = Request::builder()
+            .method(method_of(&route))
+            .body(Body::default())
+            .unwrap();
         request.extensions_mut().insert(CallerId(caller.into()));
         request.extensions_mut().insert(route);
         request
@@ -210,18 +226,39 @@ mod tests {
     const START_2: Route = Route::TestConnection { data_source_id: 2 };
     const POLL: Route = Route::TestResult { job_id: 9 };
 
-    async fn send(service: &RateLimitService<impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone>, caller: &str, route: Route) -> Response<Body> {
-        service.clone().oneshot(request(caller, route)).await.unwrap()
+    async fn send(
+        service: &RateLimitService<
+            impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+        >,
+        caller: &str,
+        route: Route,
+    ) -> Response<Body> {
+        service
+            .clone()
+            .oneshot(request(caller, route))
+            .await
+            .unwrap()
     }
 
-    fn service(config: RateLimits, recorder: &Recorder) -> RateLimitService<impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone> {
+    fn service(
+        config: RateLimits,
+        recorder: &Recorder,
+    ) -> RateLimitService<
+        impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
+    > {
         RateLimitLayer::new(Arc::new(Limiters::new(&config))).layer(recorder.service())
     }
 
     #[tokio::test]
     async fn global_limit_refuses_with_429_naming_it() {
         let recorder = Recorder::default();
-        let service = service(RateLimits { global: limit("1/h", 2), ..Default::default() }, &recorder);
+        let service = service(
+            RateLimits {
+                global: limit("1/h", 2),
+                ..Default::default()
+            },
+            &recorder,
+        );
         assert_eq!(send(&service, "a", START_1).await.status(), 200);
         assert_eq!(send(&service, "b", POLL).await.status(), 200);
         let refused = send(&service, "c", START_2).await;
@@ -230,7 +267,8 @@ mod tests {
         assert_eq!(facts.outcome, Some(Outcome::RateLimited));
         assert_eq!(facts.limit, Some(Limit::Global));
         let body: serde_json::Value =
-            serde_json::from_slice(&refused.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            serde_json::from_slice(&refused.into_body().collect().await.unwrap().to_bytes())
+                .unwrap();
         assert_eq!(body["code"], "rate_limited");
         assert_eq!(body["limit"], "global");
         assert_eq!(recorder.calls(), 2);
@@ -239,42 +277,77 @@ mod tests {
     #[tokio::test]
     async fn per_caller_limit_counts_each_caller_apart() {
         let recorder = Recorder::default();
-        let service = service(RateLimits { per_caller: limit("1/h", 1), ..Default::default() }, &recorder);
+        let service = service(
+            RateLimits {
+                per_caller: limit("1/h", 1),
+                ..Default::default()
+            },
+            &recorder,
+        );
         assert_eq!(send(&service, "a", START_1).await.status(), 200);
         assert_eq!(send(&service, "b", START_1).await.status(), 200);
         let refused = send(&service, "a", POLL).await;
         assert_eq!(refused.status(), 429);
-        assert_eq!(refused.extensions().get::<AuditFacts>().unwrap().limit, Some(Limit::Caller));
+        assert_eq!(
+            refused.extensions().get::<AuditFacts>().unwrap().limit,
+            Some(Limit::Caller)
+        );
     }
 
     #[tokio::test]
     async fn per_data_source_limit_counts_only_test_starts() {
         let recorder = Recorder::default();
-        let service = service(RateLimits { per_data_source: limit("1/h", 1), ..Default::default() }, &recorder);
+        let service = service(
+            RateLimits {
+                per_data_source: limit("1/h", 1),
+                ..Default::default()
+            },
+            &recorder,
+        );
         assert_eq!(send(&service, "a", START_1).await.status(), 200);
         assert_eq!(send(&service, "a", POLL).await.status(), 200);
         assert_eq!(send(&service, "a", POLL).await.status(), 200);
         assert_eq!(send(&service, "b", START_2).await.status(), 200);
         let refused = send(&service, "b", START_1).await;
         assert_eq!(refused.status(), 429);
-        assert_eq!(refused.extensions().get::<AuditFacts>().unwrap().limit, Some(Limit::DataSource));
+        assert_eq!(
+            refused.extensions().get::<AuditFacts>().unwrap().limit,
+            Some(Limit::DataSource)
+        );
     }
 
     #[tokio::test]
     async fn retry_after_is_time_until_next_token_not_the_window() {
         let recorder = Recorder::default();
         // 60 per hour: one request earns back every 60 s, though the window is an hour.
-        let service = service(RateLimits { global: limit("60/h", 1), ..Default::default() }, &recorder);
+        let service = service(
+            RateLimits {
+                global: limit("60/h", 1),
+                ..Default::default()
+            },
+            &recorder,
+        );
         assert_eq!(send(&service, "a", START_1).await.status(), 200);
         let refused = send(&service, "a", START_1).await;
-        let retry_after: u64 = refused.headers()["retry-after"].to_str().unwrap().parse().unwrap();
-        assert!((59..=60).contains(&retry_after), "Retry-After {retry_after}");
+        let retry_after: u64 = refused.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(
+            (59..=60).contains(&retry_after),
+            "Retry-After {retry_after}"
+        );
     }
 
     #[tokio::test]
     async fn caller_refused_by_its_own_limit_leaves_the_global_quota() {
         let recorder = Recorder::default();
-        let config = RateLimits { global: limit("1/h", 2), per_caller: limit("1/h", 1), ..Default::default() };
+        let config = RateLimits {
+            global: limit("1/h", 2),
+            per_caller: limit("1/h", 1),
+            ..Default::default()
+        };
         let service = service(config, &recorder);
         assert_eq!(send(&service, "noisy", START_1).await.status(), 200);
         for _ in 0..5 {
@@ -285,9 +358,14 @@ mod tests {
 
     #[test]
     fn sweep_forgets_refilled_keys() {
-        let limiters = Limiters::new(&RateLimits { per_data_source: limit("1000/s", 1), ..Default::default() });
+        let limiters = Limiters::new(&RateLimits {
+            per_data_source: limit("1000/s", 1),
+            ..Default::default()
+        });
         for id in 0..10_000 {
-            limiters.check(None, Some(&Route::TestConnection { data_source_id: id })).unwrap();
+            limiters
+                .check(None, Some(&Route::TestConnection { data_source_id: id }))
+                .unwrap();
         }
         assert_eq!(limiters.tracked_keys().1, 10_000);
         std::thread::sleep(Duration::from_millis(5));

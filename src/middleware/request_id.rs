@@ -13,7 +13,12 @@ const MAX_LEN: usize = 128;
 
 /// Removes the caller's request id unless it is 1–128 characters of `[A-Za-z0-9._:-]`.
 pub fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
-    let usable = match request.headers().get_all(X_REQUEST_ID).iter().collect::<Vec<_>>()[..] {
+    let usable = match request
+        .headers()
+        .get_all(X_REQUEST_ID)
+        .iter()
+        .collect::<Vec<_>>()[..]
+    {
         [value] => is_sane(value),
         _ => false,
     };
@@ -51,7 +56,10 @@ mod tests {
 
     #[test]
     fn sane_request_id_is_kept() {
-        assert_eq!(kept(&["ci-run_42.7:abc"]).as_deref(), Some("ci-run_42.7:abc"));
+        assert_eq!(
+            kept(&["ci-run_42.7:abc"]).as_deref(),
+            Some("ci-run_42.7:abc")
+        );
     }
 
     #[test]

@@ -209,14 +209,20 @@ mod tests {
             } else {
                 assert_eq!(
                     matched,
-                    Matched::InvalidId { route: "test_connection", param: "data_source_id" },
+                    Matched::InvalidId {
+                        route: "test_connection",
+                        param: "data_source_id"
+                    },
                     "{path}"
                 );
             }
         }
         assert_eq!(
             match_route(&Method::GET, "/api/v1/data_sources/test/x1"),
-            Matched::InvalidId { route: "test_result", param: "job_id" }
+            Matched::InvalidId {
+                route: "test_result",
+                param: "job_id"
+            }
         );
     }
 
@@ -255,7 +261,11 @@ mod tests {
             "/API/v1/data_sources/1/test",
             "/",
         ] {
-            assert_eq!(match_route(&Method::POST, path), Matched::NotFound, "{path}");
+            assert_eq!(
+                match_route(&Method::POST, path),
+                Matched::NotFound,
+                "{path}"
+            );
         }
     }
 
@@ -263,7 +273,12 @@ mod tests {
     async fn refused_routes_never_reach_the_inner_service() {
         let recorder = Recorder::default();
         let service = AllowRoutesLayer.layer(recorder.service());
-        let response = call(service.clone(), Method::POST, "/api/v1/data_sources/1/query").await;
+        let response = call(
+            service.clone(),
+            Method::POST,
+            "/api/v1/data_sources/1/query",
+        )
+        .await;
         assert_eq!(response.status(), 404);
         let response = call(service.clone(), Method::GET, "/api/v1/data_sources/1/test").await;
         assert_eq!(response.status(), 405);

@@ -1,0 +1,406 @@
+//! The gateway as a real process: start-up errors, exit codes, signals, and what it logs.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{config_for, read_audit, API_KEY};
+use datafold_gateway::standin::{StandIn, ThrowawayCa};
+use http::Request;
+use http_body_util::{BodyExt, Full};
+
+const BIN: &str = env!("CARGO_BIN_EXE_datafold-gateway");
+
+/// A caller's credential sent to the gateway; it must not show up anywhere either.
+const CALLER_SECRET: &str = "caller-secret-3b9d0f1e";
+
+fn run(args: &[&str], envs: &[(&str, &str)]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("DATAFOLD_API_KEY")
+        .env_remove("DATAFOLD_GATEWAY_CONFIG")
+        .env_remove("RUST_LOG")
+        .envs(envs.iter().copied())
+        .output()
+        .unwrap()
+}
+
+fn write_config(dir: &Path, text: &str) -> String {
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn serve_without_the_key_variable_exits_nonzero_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[api_key]\nenv = \"DFGW_TEST_UNSET_KEY\"\n[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n",
+    );
+    let output = run(&["serve", "--config", &config], &[]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(err.contains("DFGW_TEST_UNSET_KEY"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn serve_with_an_empty_key_file_exits_nonzero_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("empty-key");
+    std::fs::write(&key, "\n").unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("[api_key]\nfile = {:?}\n[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n", key),
+    );
+    let output = run(&["serve", "--config", &config], &[]);
+    assert!(!output.status.success());
+    let err = stderr(&output);
+    assert!(err.contains("empty-key") && err.contains("empty"), "{err}");
+}
+
+#[test]
+fn bad_config_files_name_the_key_and_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[rate_limit.global]\nrate = \"600/min\"\nburst = 60\nbrust = 1\n",
+            "rate_limit.global",
+        ),
+        (
+            "[rate_limit.per_data_source]\nrate = \"ten per minute\"\nburst = 1\n",
+            "rate_limit.per_data_source.rate",
+        ),
+        ("[upstream]\ntimeout = \"soon\"\n", "upstream.timeout"),
+        (
+            "[upstream]\nurl = \"http://app.datafold.com\"\n",
+            "upstream.url",
+        ),
+        ("[limits]\nmax_body_bytes = -1\n", "limits.max_body_bytes"),
+        ("[callers]\nmode = \"everyone\"\n", "callers.mode"),
+        ("[listen]\naddr = \"localhost\"\n", "listen.addr"),
+        ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("this is not toml", "gateway.toml"),
+    ];
+    for (text, key) in cases {
+        let config = write_config(dir.path(), text);
+        let output = run(
+            &["check-config", "--config", &config],
+            &[("DATAFOLD_API_KEY", API_KEY)],
+        );
+        let err = stderr(&output);
+        assert!(!output.status.success(), "accepted: {text}");
+        assert!(err.contains(key), "for {text:?} expected {key} in: {err}");
+        assert!(err.contains("gateway.toml"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let output = run(
+        &["check-config", "--config", "/nonexistent/gateway.toml"],
+        &[],
+    );
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("/nonexistent/gateway.toml"));
+}
+
+#[test]
+fn check_config_prints_the_effective_config_without_the_key() {
+    let output = run(
+        &["check-config", "--config", "config/gateway.toml"],
+        &[("DATAFOLD_API_KEY", API_KEY)],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("[rate_limit.global]"), "{stdout}");
+    assert!(stdout.contains("DATAFOLD_API_KEY"), "{stdout}");
+    assert!(!stdout.contains(API_KEY) && !stderr(&output).contains(API_KEY));
+}
+
+#[test]
+fn config_path_defaults_to_the_environment_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[upstream]\nurl = \"https://eu.datafold.com\"\n",
+    );
+    let output = run(
+        &["check-config"],
+        &[
+            ("DATAFOLD_GATEWAY_CONFIG", &config),
+            ("DATAFOLD_API_KEY", API_KEY),
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("eu.datafold.com"));
+}
+
+/// A `serve` process, with its log lines collected as they come. Killed if dropped unwaited.
+struct Served {
+    child: Option<Child>,
+    addr: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Served {
+    /// Starts `serve` and waits for its "listening" line, which carries the bound address.
+    fn start(config: &str, envs: &[(&str, &str)]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config", config])
+            .env_remove("DATAFOLD_API_KEY")
+            .envs(envs.iter().copied())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut served = Self {
+            child: Some(child),
+            addr: String::new(),
+            lines,
+        };
+        while served.addr.is_empty() {
+            let line = served
+                .lines
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the gateway logged no 'listening' line");
+            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+                if value["message"] == "listening" {
+                    served.addr = value["addr"].as_str().unwrap().to_owned();
+                }
+            }
+        }
+        served
+    }
+
+    fn terminate(&self) {
+        let child = self.child.as_ref().unwrap();
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet waited for).
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(sent, 0, "kill failed");
+    }
+
+    /// Waits for exit and returns the exit status and every log line.
+    fn wait(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.take().unwrap().wait().unwrap();
+        let mut log = String::new();
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            log.push_str(&line);
+            log.push('\n');
+        }
+        (status, log)
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut request = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = client
+        .request(request.body(Full::new(Bytes::from_static(b"{}"))).unwrap())
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    status
+}
+
+fn served_config(dir: &Path, ca: &ThrowawayCa, upstream: &StandIn, extra: &str) -> String {
+    let config = config_for(dir, ca, &upstream.url());
+    let text = format!(
+        "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
+         [upstream]\nurl = {:?}\nca_file = {:?}\n\
+         [api_key]\nfile = {:?}\n[audit]\nfile = {:?}\n{extra}",
+        upstream.url(),
+        config.upstream.ca_file.unwrap(),
+        match config.api_key {
+            datafold_gateway::config::ApiKeySource::File(path) => path,
+            _ => unreachable!(),
+        },
+        config.audit.file,
+    );
+    write_config(dir, &text)
+}
+
+#[tokio::test]
+async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("ca").unwrap();
+    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
+    let config = served_config(
+        dir.path(),
+        &ca,
+        &upstream,
+        "[rate_limit.global]\nrate = \"1/h\"\nburst = 3\n",
+    );
+    // Everything every crate will say, in both formats' worth of detail.
+    let served = Served::start(&config, &[("RUST_LOG", "trace")]);
+    let bearer = format!("Bearer {CALLER_SECRET}");
+    let credentials = [
+        ("authorization", bearer.as_str()),
+        ("cookie", CALLER_SECRET),
+    ];
+    assert_eq!(
+        send(
+            &served.addr,
+            "POST",
+            "/api/v1/data_sources/1/test",
+            &credentials
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        send(
+            &served.addr,
+            "GET",
+            "/api/v1/data_sources/test/1001",
+            &credentials
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        send(&served.addr, "GET", "/api/v1/data_sources", &credentials).await,
+        404
+    );
+    assert_eq!(
+        send(
+            &served.addr,
+            "POST",
+            "/api/v1/data_sources/x/test",
+            &credentials
+        )
+        .await,
+        422
+    );
+    assert_eq!(
+        send(
+            &served.addr,
+            "POST",
+            "/api/v1/data_sources/2/test",
+            &credentials
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        send(
+            &served.addr,
+            "POST",
+            "/api/v1/data_sources/3/test",
+            &credentials
+        )
+        .await,
+        429
+    );
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success(), "{status}");
+    // The log did capture the traffic, so its silence about secrets means something.
+    assert!(
+        log.contains("/api/v1/data_sources/1/test"),
+        "trace log is missing the requests"
+    );
+    assert!(!log.contains(API_KEY), "the API key is in the log");
+    assert!(
+        !log.contains(CALLER_SECRET),
+        "a caller credential is in the log"
+    );
+    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 6);
+    assert!(!audit.contains(API_KEY) && !audit.contains(CALLER_SECRET));
+}
+
+#[tokio::test]
+async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("ca").unwrap();
+    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
+    upstream.set_delay(Duration::from_millis(1500));
+    let config = served_config(
+        dir.path(),
+        &ca,
+        &upstream,
+        "[limits]\nshutdown_grace = \"20s\"\n",
+    );
+    let served = Served::start(&config, &[]);
+    let addr = served.addr.clone();
+    let in_flight =
+        tokio::spawn(async move { send(&addr, "POST", "/api/v1/data_sources/7/test", &[]).await });
+    // SIGTERM only once the request is in flight: it has reached the upstream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while upstream.received().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    served.terminate();
+    assert_eq!(in_flight.await.unwrap(), 200);
+    let (status, log) = served.wait();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    let audit = read_audit(&dir.path().join("audit.jsonl"));
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["status"], 200);
+    assert_eq!(audit[0]["data_source_id"], 7);
+}
+
+#[test]
+fn demo_runs_its_scenario_and_exits_zero() {
+    let output = Command::new(BIN)
+        .arg("demo")
+        .env_remove("DATAFOLD_API_KEY")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", stderr(&output));
+    for status in ["200", "422", "404", "429"] {
+        assert!(
+            stdout.contains(status),
+            "demo output lacks {status}:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("test_connection"),
+        "demo shows no audit table:\n{stdout}"
+    );
+}
