@@ -218,3 +218,21 @@ async fn admin_probes_report_health_and_readiness() {
     assert!(h.upstream.received().is_empty());
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn oversized_request_headers_are_refused_without_forwarding() {
+    let mut h = Harness::start(|_| {}).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let huge = "a".repeat(80 * 1024);
+    let request = format!(
+        "POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-huge: {huge}\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the gateway kept reading an oversized head");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+}
