@@ -32,7 +32,7 @@ const MAX_BURST: usize = 100;
 const TEST_42: &str = "/api/v1/data_sources/42/test";
 
 pub async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
-    let workdir = std::env::temp_dir().join(format!("datafold-gateway-demo-{}", unique()));
+    let workdir = std::env::temp_dir().join(format!("datafold-gateway-demo.{}", unique()));
     std::fs::create_dir_all(&workdir).context(format!("cannot create {}", workdir.display()))?;
     let demo_key = format!("demo-{}", unique());
     let ca = ThrowawayCa::new("datafold-gateway demo CA").context("cannot make the demo CA")?;
@@ -117,12 +117,11 @@ fn demo_config(
     workdir: &Path,
 ) -> Result<(Config, &'static str), Error> {
     let path = Path::new(CONFIG_PATH);
-    let (mut config, source) = match path.exists() {
-        true => (Config::load(path)?, CONFIG_PATH),
-        false => (
-            Config::parse(path, SHIPPED_CONFIG)?,
-            "the shipped config/gateway.toml",
-        ),
+    let (mut config, source) = if path.exists() {
+        (Config::load(path)?, CONFIG_PATH)
+    } else {
+        let shipped = Config::parse(path, SHIPPED_CONFIG)?;
+        (shipped, "the shipped config/gateway.toml")
     };
     config.upstream.url = standin.url().parse()?;
     config.upstream.ca_file = Some(ca_path);
@@ -149,7 +148,7 @@ async fn walk_through(caller: &Caller, standin: &StandIn, global: &str) -> Resul
     println!("\n3. A caller's own Authorization header is replaced by the gateway's key");
     let answer = caller.send("POST", TEST_42, Some("Key not-the-real-key"));
     expect(answer.await?, "POST", TEST_42, 200)?;
-    println!("  (sent with `Authorization: Key not-the-real-key`; the stand-in would answer 401)");
+    println!("  (sent as `Authorization: Key not-the-real-key`; the stand-in 401s any key but the real one)");
 
     println!("\n4. Refused by the gateway itself, never sent upstream");
     let before = standin.received().len();
@@ -253,10 +252,10 @@ fn expect(answer: Answer, method: &str, path: &str, expected: u16) -> Result<Ans
     let status = answer.status.as_u16();
     let shown = describe_results(&answer.body).unwrap_or_else(|| short(&answer.body));
     println!("  {method:<4} {path:<40} → {status} {shown}");
-    match status == expected {
-        true => Ok(answer),
-        false => Err(format!("{method} {path}: expected {expected}, got {status}").into()),
+    if status != expected {
+        return Err(format!("{method} {path}: expected {expected}, got {status}").into());
     }
+    Ok(answer)
 }
 
 fn job_id(answer: &Answer) -> Result<i64, Error> {

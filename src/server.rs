@@ -40,17 +40,17 @@ const MAX_HEADERS: usize = 100;
 /// How often keyed rate limiters forget refilled keys.
 const LIMITER_SWEEP: Duration = Duration::from_secs(10);
 
-/// Why the gateway cannot start; the message names the setting at fault.
+/// Why the gateway cannot start or go on serving; the message names the setting at fault.
 #[derive(Debug)]
-pub struct StartError(pub String);
+pub struct GatewayError(pub String);
 
-impl std::fmt::Display for StartError {
+impl std::fmt::Display for GatewayError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
 }
 
-impl std::error::Error for StartError {}
+impl std::error::Error for GatewayError {}
 
 /// What `serve` needs besides sockets, each checked: `check-config` stops after this.
 pub struct Prepared {
@@ -59,15 +59,15 @@ pub struct Prepared {
 }
 
 /// Loads the key and the upstream trust roots, and checks that the audit file's folder exists.
-pub fn prepare(config: &Config) -> Result<Prepared, StartError> {
-    let key = ApiKey::load(&config.api_key).map_err(|e| StartError(e.to_string()))?;
-    let client = upstream::client(&config.upstream).map_err(StartError)?;
+pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
+    let key = ApiKey::load(&config.api_key).map_err(|e| GatewayError(e.to_string()))?;
+    let client = upstream::client(&config.upstream).map_err(GatewayError)?;
     let audit_dir = match config.audit.file.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => std::path::Path::new("."),
     };
     if !audit_dir.is_dir() {
-        return Err(StartError(format!(
+        return Err(GatewayError(format!(
             "audit.file: the folder {} of {} does not exist",
             audit_dir.display(),
             config.audit.file.display()
@@ -86,21 +86,21 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub async fn bind(config: Config) -> Result<Self, StartError> {
+    pub async fn bind(config: Config) -> Result<Self, GatewayError> {
         let prepared = prepare(&config)?;
         let listener = TcpListener::bind(config.listen.addr).await.map_err(|e| {
-            StartError(format!(
+            GatewayError(format!(
                 "listen.addr: cannot listen on {}: {e}",
                 config.listen.addr
             ))
         })?;
         let admin = TcpListener::bind(config.admin.addr).await.map_err(|e| {
-            StartError(format!(
+            GatewayError(format!(
                 "admin.addr: cannot listen on {}: {e}",
                 config.admin.addr
             ))
         })?;
-        let audit = AuditLog::open(&config.audit.file).map_err(|e| StartError(e.to_string()))?;
+        let audit = AuditLog::open(&config.audit.file).map_err(|e| GatewayError(e.to_string()))?;
         Ok(Self {
             config: Arc::new(config),
             prepared,
@@ -123,7 +123,7 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), StartError> {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
         let Self {
             config,
             prepared,
@@ -148,8 +148,10 @@ impl Gateway {
         let (stop_tx, stop_rx) = watch::channel(false);
         let listen_addr = listener
             .local_addr()
-            .map_err(|e| StartError(e.to_string()))?;
-        let admin_addr = admin.local_addr().map_err(|e| StartError(e.to_string()))?;
+            .map_err(|e| GatewayError(e.to_string()))?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(|e| GatewayError(e.to_string()))?;
         // The admin listener keeps answering probes (readyz: 503) while requests drain.
         let admin_task = tokio::spawn(serve_admin(admin, health.clone()));
 
@@ -174,7 +176,10 @@ impl Gateway {
                             stream,
                             peer,
                             service,
-                            config.limits.idle_timeout,
+                            Deadlines {
+                                first_request: config.limits.header_read_timeout,
+                                idle: config.limits.idle_timeout,
+                            },
                             stop_rx.clone(),
                         ));
                     }
@@ -234,13 +239,23 @@ fn connection_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
-/// Serves one connection until it closes, is idle for `idle_timeout`, or shutdown begins.
+/// How long a connection may go without a request.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    /// From accept to the first request. hyper's own header timer only starts once it knows the
+    /// protocol, so a client that sends nothing at all is caught here.
+    first_request: Duration,
+    /// From the end of one request to the start of the next.
+    idle: Duration,
+}
+
+/// Serves one connection until it closes, sits idle past its deadline, or shutdown begins.
 async fn serve_connection<S, B>(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
     stack: S,
-    idle_timeout: Duration,
+    deadlines: Deadlines,
     mut stop: watch::Receiver<bool>,
 ) where
     S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
@@ -261,7 +276,7 @@ async fn serve_connection<S, B>(
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut closing = false;
-    let idle = tokio::time::sleep(idle_timeout);
+    let idle = tokio::time::sleep(deadlines.first_request.min(deadlines.idle));
     tokio::pin!(idle);
     loop {
         tokio::select! {
@@ -277,7 +292,7 @@ async fn serve_connection<S, B>(
                 connection.as_mut().graceful_shutdown();
             }
             () = idle.as_mut(), if !closing => {
-                match activity.idle_until(idle_timeout) {
+                match activity.idle_until(deadlines) {
                     None => {
                         tracing::debug!(%peer, "closing idle connection");
                         closing = true;
@@ -293,6 +308,7 @@ async fn serve_connection<S, B>(
 /// Requests in flight on one connection, and when the last one finished.
 struct Activity {
     opened: Instant,
+    started: AtomicU64,
     in_flight: AtomicUsize,
     /// Milliseconds from `opened` to the end of the last request.
     last_done_ms: AtomicU64,
@@ -302,19 +318,24 @@ impl Activity {
     fn new() -> Self {
         Self {
             opened: Instant::now(),
+            started: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
         }
     }
 
-    /// `None` if the connection has been idle for `timeout`; else when to look again.
-    fn idle_until(&self, timeout: Duration) -> Option<Instant> {
+    /// `None` if the connection has sat past its deadline; else when to look again.
+    fn idle_until(&self, deadlines: Deadlines) -> Option<Instant> {
         let now = Instant::now();
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Some(now + timeout);
+            return Some(now + deadlines.idle);
         }
-        let last = self.opened + Duration::from_millis(self.last_done_ms.load(Ordering::Acquire));
-        let deadline = last + timeout;
+        let deadline = if self.started.load(Ordering::Acquire) == 0 {
+            self.opened + deadlines.first_request
+        } else {
+            let last_ms = self.last_done_ms.load(Ordering::Acquire);
+            self.opened + Duration::from_millis(last_ms) + deadlines.idle
+        };
         (deadline > now).then_some(deadline)
     }
 }
@@ -324,6 +345,7 @@ struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {
+        activity.started.fetch_add(1, Ordering::AcqRel);
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(activity.clone())
     }

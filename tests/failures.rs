@@ -236,3 +236,20 @@ async fn oversized_request_headers_are_refused_without_forwarding() {
     assert!(h.upstream.received().is_empty());
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn silent_connection_is_disconnected_after_header_read_timeout() {
+    let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    // Not one byte sent; the default idle timeout (60 s) is far past the bound below.
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the gateway kept a silent connection open");
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    h.shutdown().await;
+}
