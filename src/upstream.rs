@@ -195,6 +195,8 @@ impl Shared {
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(HOST);
+        // The body is already here in full: nothing for the upstream to say "continue" to.
+        parts.headers.remove(header::EXPECT);
         parts
             .headers
             .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));

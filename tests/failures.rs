@@ -253,3 +253,24 @@ async fn silent_connection_is_disconnected_after_header_read_timeout() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn body_that_never_arrives_is_answered_408_after_header_read_timeout() {
+    let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\ncontent-length: 10\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut answer))
+        .await
+        .expect("no answer to a stalled body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+    assert_eq!(h.audit()[0]["status"], 408);
+}

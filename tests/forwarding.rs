@@ -341,3 +341,26 @@ async fn http2_callers_are_served_too() {
     );
     h.shutdown().await;
 }
+
+#[tokio::test]
+async fn chunked_caller_body_is_sent_upstream_with_a_content_length() {
+    let mut h = Harness::start(|_| {}).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/v1/data_sources/4/test HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\n\
+              expect: 100-continue\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n1\r\n{\r\n1\r\n}\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.contains(" 200 OK"), "{answer}");
+    let seen = &h.upstream.received()[0];
+    assert_eq!(seen.body, Bytes::from_static(b"{}"));
+    assert_eq!(seen.headers["content-length"], "2");
+    assert!(seen.headers.get("transfer-encoding").is_none());
+    assert!(seen.headers.get("expect").is_none());
+    assert_eq!(seen.headers["content-type"], "application/json");
+    h.shutdown().await;
+}
