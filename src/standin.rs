@@ -303,9 +303,15 @@ fn invalid(param: &str) -> Response<Full<Bytes>> {
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
+    );
+    // An end-to-end header of the upstream's own, which a proxy must pass through.
+    headers.insert(
+        "x-datafold-request",
+        http::HeaderValue::from_static("standin"),
     );
     response
 }

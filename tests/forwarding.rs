@@ -15,6 +15,7 @@ async fn test_start_is_forwarded_with_the_key_and_its_answer_passes_through() {
     let (response, body) = h.post("/api/v1/data_sources/42/test").await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/json");
+    assert_eq!(response.headers()["x-datafold-request"], "standin");
     let job_id = json(&body)["job_id"].as_i64().unwrap();
 
     let (response, body) = h.get(&format!("/api/v1/data_sources/test/{job_id}")).await;

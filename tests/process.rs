@@ -126,6 +126,16 @@ fn check_config_prints_the_effective_config_without_the_key() {
 }
 
 #[test]
+fn config_path_defaults_to_config_gateway_toml() {
+    // cargo runs integration tests from the package root, where the shipped config lives.
+    let output = run(&["check-config"], &[("DATAFOLD_API_KEY", API_KEY)]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("config/gateway.toml"), "{stdout}");
+    assert!(stdout.contains("app.datafold.com"), "{stdout}");
+}
+
+#[test]
 fn config_path_defaults_to_the_environment_variable() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(
@@ -190,10 +200,14 @@ impl Served {
     }
 
     fn terminate(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    fn signal(&self, signal: libc::c_int) {
         let child = self.child.as_ref().unwrap();
         let pid = libc::pid_t::try_from(child.id()).unwrap();
         // SAFETY: kill(2) with a pid we spawned and still own (not yet waited for).
-        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        let sent = unsafe { libc::kill(pid, signal) };
         assert_eq!(sent, 0, "kill failed");
     }
 
@@ -380,6 +394,26 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0]["status"], 200);
     assert_eq!(audit[0]["data_source_id"], 7);
+}
+
+#[tokio::test]
+async fn sigint_stops_it_cleanly_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("ca").unwrap();
+    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
+    let config = served_config(dir.path(), &ca, &upstream, "[log]\nformat = \"json\"\n");
+    let served = Served::start(&config, &[]);
+    assert_eq!(
+        send(&served.addr, "POST", "/api/v1/data_sources/1/test", &[]).await,
+        200
+    );
+    served.signal(libc::SIGINT);
+    let (status, log) = served.wait();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert!(log.contains("\"stopped\""), "{log}");
+    assert_eq!(read_audit(&dir.path().join("audit.jsonl")).len(), 1);
 }
 
 #[test]
