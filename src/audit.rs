@@ -24,6 +24,8 @@ pub enum Outcome {
     Rejected,
     RateLimited,
     UpstreamError,
+    /// Cut off at shutdown, after `limits.shutdown_grace`; answered 503 if the caller was still there.
+    Aborted,
 }
 
 /// Which rate limit refused a request.

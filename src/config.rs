@@ -217,15 +217,28 @@ pub enum CallerMode {
     Open,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RateLimits {
+    /// Most callers, or data sources, a keyed limiter tracks at once; bounds its memory.
+    pub max_tracked_keys: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global: Option<RateLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_caller: Option<RateLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_data_source: Option<RateLimit>,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        Self {
+            max_tracked_keys: 100_000,
+            global: None,
+            per_caller: None,
+            per_data_source: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,6 +376,12 @@ impl Default for Limits {
     }
 }
 
+/// Upper bounds: far beyond any sensible setting, low enough that nothing overflows.
+const MAX_BODY_BYTES: usize = 1 << 30;
+const MAX_CONCURRENT_REQUESTS: usize = 1_000_000;
+const MAX_TRACKED_KEYS: usize = 100_000_000;
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 /// A configuration problem, naming the file and, where there is one, the key at fault.
 #[derive(Debug)]
 pub struct ConfigError {
@@ -424,26 +443,47 @@ impl Config {
             key: Some(key.to_owned()),
             message,
         };
-        if self.limits.max_body_bytes == 0 {
-            return Err(fail("limits.max_body_bytes", "must be at least 1".into()));
-        }
-        if self.limits.max_concurrent_requests == 0 {
-            return Err(fail(
+        for (key, value, max) in [
+            (
+                "limits.max_body_bytes",
+                self.limits.max_body_bytes,
+                MAX_BODY_BYTES,
+            ),
+            (
                 "limits.max_concurrent_requests",
-                "must be at least 1".into(),
-            ));
+                self.limits.max_concurrent_requests,
+                MAX_CONCURRENT_REQUESTS,
+            ),
+            (
+                "rate_limit.max_tracked_keys",
+                self.rate_limit.max_tracked_keys,
+                MAX_TRACKED_KEYS,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(fail(key, format!("must be between 1 and {max}")));
+            }
         }
-        for (key, value) in [
-            ("upstream.connect_timeout", self.upstream.connect_timeout),
-            ("upstream.timeout", self.upstream.timeout),
+        for (key, value, may_be_zero) in [
+            (
+                "upstream.connect_timeout",
+                self.upstream.connect_timeout,
+                false,
+            ),
+            ("upstream.timeout", self.upstream.timeout, false),
             (
                 "limits.header_read_timeout",
                 self.limits.header_read_timeout,
+                false,
             ),
-            ("limits.idle_timeout", self.limits.idle_timeout),
+            ("limits.idle_timeout", self.limits.idle_timeout, false),
+            ("limits.shutdown_grace", self.limits.shutdown_grace, true),
         ] {
-            if value.is_zero() {
+            if value.is_zero() && !may_be_zero {
                 return Err(fail(key, "must be longer than zero".into()));
+            }
+            if value > MAX_DURATION {
+                return Err(fail(key, "must be at most 24h".into()));
             }
         }
         if self.listen.addr == self.admin.addr && self.listen.addr.port() != 0 {
@@ -545,6 +585,16 @@ mod tests {
         );
         let none = parse("[api_key]\n").unwrap_err();
         assert!(none.contains("api_key"), "{none}");
+    }
+
+    #[test]
+    fn absurd_sizes_and_durations_are_refused_by_name() {
+        let err = parse("[limits]\nmax_concurrent_requests = 4611686018427387904\n").unwrap_err();
+        assert!(err.contains("limits.max_concurrent_requests"), "{err}");
+        let err = parse("[limits]\nidle_timeout = \"500000000000years\"\n").unwrap_err();
+        assert!(err.contains("limits.idle_timeout"), "{err}");
+        let err = parse("[rate_limit]\nmax_tracked_keys = 0\n").unwrap_err();
+        assert!(err.contains("rate_limit.max_tracked_keys"), "{err}");
     }
 
     #[test]

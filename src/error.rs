@@ -30,6 +30,8 @@ pub enum ErrorCode {
     UpstreamUnreachable,
     UpstreamTimeout,
     Overloaded,
+    ShuttingDown,
+    InternalError,
 }
 
 #[derive(Serialize)]
@@ -101,6 +103,28 @@ pub fn overloaded() -> Response<Body> {
         StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Overloaded,
         "the gateway is handling limits.max_concurrent_requests requests already; retry shortly",
+    )
+}
+
+/// The answer to a request still running when the shutdown grace ran out.
+pub fn shutting_down() -> Response<Body> {
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ShuttingDown,
+        "the gateway is shutting down and could not finish this request; retry",
+    );
+    response
+        .extensions_mut()
+        .insert(AuditFacts::outcome(Outcome::Aborted));
+    response
+}
+
+/// A bug: something in the gateway failed. Never expected; logged where it happens.
+pub fn internal_error() -> Response<Body> {
+    error_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::InternalError,
+        "the gateway failed to handle this request",
     )
 }
 

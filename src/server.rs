@@ -27,6 +27,7 @@ use tower::{Service, ServiceExt};
 use crate::admin::{self, Health};
 use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::middleware::audit::RequestTasks;
 use crate::middleware::caller::Peer;
 use crate::middleware::rate_limit::Limiters;
 use crate::secret::ApiKey;
@@ -132,6 +133,7 @@ impl Gateway {
             admin,
         } = self;
         let limiters = Arc::new(Limiters::new(&config.rate_limit));
+        let tasks = RequestTasks::default();
         tokio::spawn(Limiters::sweep_every(
             Arc::downgrade(&limiters),
             LIMITER_SWEEP,
@@ -140,6 +142,7 @@ impl Gateway {
             config: config.clone(),
             key: prepared.key,
             audit: audit.clone(),
+            tasks: tasks.clone(),
             limiters,
             client: prepared.client,
         });
@@ -202,15 +205,28 @@ impl Gateway {
         health.ready.store(false, Ordering::Release);
         drop(listener);
         let _ = stop_tx.send(true);
-        let drained = tokio::time::timeout(config.limits.shutdown_grace, async {
+        let deadline = tokio::time::Instant::now() + config.limits.shutdown_grace;
+        let drained = tokio::time::timeout_at(deadline, async {
             while connections.join_next().await.is_some() {}
         })
         .await;
-        if drained.is_err() {
+        // Requests whose callers hung up run on in their tasks; they get the same grace.
+        tasks.tracker.close();
+        let finished = match drained {
+            Ok(()) => tokio::time::timeout_at(deadline, tasks.tracker.wait())
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if !finished {
             tracing::warn!(
                 connections = connections.len(),
-                "shutdown grace ran out; closing the remaining connections"
+                requests = tasks.tracker.len(),
+                "shutdown grace ran out; cancelling the requests still running"
             );
+            // Cancelled requests are answered 503 and audited as `aborted`.
+            tasks.cancel.cancel();
+            tasks.tracker.wait().await;
             connections.shutdown().await;
         }
         admin_task.abort();
@@ -276,6 +292,7 @@ async fn serve_connection<S, B>(
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut closing = false;
+    let mut closing_idle = false;
     let idle = tokio::time::sleep(deadlines.first_request.min(deadlines.idle));
     tokio::pin!(idle);
     loop {
@@ -287,16 +304,26 @@ async fn serve_connection<S, B>(
                 return;
             }
             changed = stop.changed(), if !closing => {
+                // Shutdown: the grace period in `run` bounds how long this may take.
                 let _ = changed;
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
-            () = idle.as_mut(), if !closing => {
+            () = idle.as_mut(), if !closing || closing_idle => {
+                if closing_idle {
+                    tracing::debug!(%peer, "dropping a connection that did not close when asked");
+                    return;
+                }
                 match activity.idle_until(deadlines) {
                     None => {
                         tracing::debug!(%peer, "closing idle connection");
                         closing = true;
+                        closing_idle = true;
                         connection.as_mut().graceful_shutdown();
+                        // A client that neither reads nor closes (a zero HTTP/2 window, say)
+                        // must not keep the connection: it is dropped after one more period.
+                        let hard_stop = later(Instant::now(), deadlines.first_request);
+                        idle.as_mut().reset(hard_stop.into());
                     }
                     Some(deadline) => idle.as_mut().reset(deadline.into()),
                 }
@@ -328,16 +355,22 @@ impl Activity {
     fn idle_until(&self, deadlines: Deadlines) -> Option<Instant> {
         let now = Instant::now();
         if self.in_flight.load(Ordering::Acquire) > 0 {
-            return Some(now + deadlines.idle);
+            return Some(later(now, deadlines.idle));
         }
         let deadline = if self.started.load(Ordering::Acquire) == 0 {
-            self.opened + deadlines.first_request
+            later(self.opened, deadlines.first_request)
         } else {
             let last_ms = self.last_done_ms.load(Ordering::Acquire);
-            self.opened + Duration::from_millis(last_ms) + deadlines.idle
+            later(self.opened + Duration::from_millis(last_ms), deadlines.idle)
         };
         (deadline > now).then_some(deadline)
     }
+}
+
+/// `at + after`, or a day past `at` where that would overflow.
+fn later(at: Instant, after: Duration) -> Instant {
+    at.checked_add(after)
+        .unwrap_or_else(|| at + Duration::from_secs(86_400))
 }
 
 /// Marks a request in flight on its connection until dropped.

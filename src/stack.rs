@@ -14,21 +14,22 @@ use tower_http::trace::TraceLayer;
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::middleware::api_key::InjectApiKeyLayer;
-use crate::middleware::audit::AuditLayer;
+use crate::middleware::audit::{AuditLayer, RequestTasks};
 use crate::middleware::body_limit::BodyLimitLayer;
 use crate::middleware::caller::IdentifyCallerLayer;
 use crate::middleware::overload::ShedOverloadLayer;
 use crate::middleware::rate_limit::{Limiters, RateLimitLayer};
-use crate::middleware::request_id::drop_unusable_request_id;
+use crate::middleware::request_id::{drop_unusable_request_id, X_REQUEST_ID};
 use crate::middleware::route::AllowRoutesLayer;
 use crate::secret::ApiKey;
-use crate::upstream::{Forward, HttpsClient};
+use crate::upstream::{strip_hop_by_hop, Forward, HttpsClient};
 
 /// Everything the stack is built from; made once at start.
 pub struct StackParts {
     pub config: Arc<Config>,
     pub key: ApiKey,
     pub audit: AuditLog,
+    pub tasks: RequestTasks,
     pub limiters: Arc<Limiters>,
     pub client: HttpsClient,
 }
@@ -62,22 +63,36 @@ where
         // ...otherwise one is made, then sent upstream, audited, and returned to the caller.
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
-        // A span per request, inside the request id so that the span can carry it.
-        .layer(TraceLayer::new_for_http())
-        // Every answer from here inward is audited, refusals included.
-        .layer(AuditLayer::new(parts.audit))
-        // Shedding comes before any work is done for the request.
+        // A span per request, inside the request id so that the span can carry it. The path
+        // only: a query string could carry anything, and is not forwarded anyway.
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &Request<B>| {
+                tracing::debug_span!(
+                    "request",
+                    method = %request.method(),
+                    path = request.uri().path(),
+                    request_id = ?request.headers().get(X_REQUEST_ID),
+                )
+            }),
+        )
+        // Every answer from here inward is audited, refusals included; each request runs to its
+        // end even if its caller hangs up.
+        .layer(AuditLayer::new(parts.audit, parts.tasks))
+        // Who is calling; authenticated modes refuse strangers here, before anything else.
+        .layer(IdentifyCallerLayer::new(config.callers.mode))
+        // Shedding comes before any real work is done for the request.
         .layer(ShedOverloadLayer::new(
             config.limits.max_concurrent_requests,
         ))
-        // Who is calling; authenticated modes refuse strangers here, before anything else.
-        .layer(IdentifyCallerLayer::new(config.callers.mode))
         // The allow-list: only the two test endpoints go further.
         .layer(AllowRoutesLayer)
         // An oversized body is refused before it costs a rate-limit token.
         .layer(BodyLimitLayer::new(config.limits.max_body_bytes))
         // Limits are the last refusal: only requests that will be forwarded count.
         .layer(RateLimitLayer::new(parts.limiters))
+        // Connection-level headers go before the key is set, so that a caller's
+        // `Connection: authorization` cannot take the key off again.
+        .map_request(strip_hop_by_hop)
         // The key goes on last, after the caller's credentials are stripped.
         .layer(InjectApiKeyLayer::new(parts.key))
         .service(Forward::new(

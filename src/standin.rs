@@ -313,5 +313,10 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
         "x-datafold-request",
         http::HeaderValue::from_static("standin"),
     );
+    // Upstreams have request ids of their own; the caller must get the gateway's.
+    headers.insert(
+        "x-request-id",
+        http::HeaderValue::from_static("standin-side-id"),
+    );
     response
 }

@@ -35,6 +35,7 @@ use tower::Service;
 use crate::audit::{AuditFacts, Outcome};
 use crate::config::{Upstream as UpstreamConfig, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
+use crate::middleware::request_id::X_REQUEST_ID;
 use crate::middleware::route::Route;
 use crate::Body;
 
@@ -193,7 +194,7 @@ impl Shared {
             Ok(uri) => uri,
             Err(_) => return error::not_found(),
         };
-        remove_hop_by_hop(&mut parts.headers);
+        // Hop-by-hop headers were stripped before the key was set (see `stack.rs`).
         parts.headers.remove(HOST);
         // The body is already here in full: nothing for the upstream to say "continue" to.
         parts.headers.remove(header::EXPECT);
@@ -238,6 +239,8 @@ impl Shared {
         };
         remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(CONTENT_LENGTH);
+        // The request id is the gateway's: the caller's or the one it made, never Datafold's.
+        parts.headers.remove(X_REQUEST_ID);
         parts.extensions = http::Extensions::new();
         let status = parts.status.as_u16();
         let mut response = Response::from_parts(parts, Body::from(body));
@@ -264,6 +267,12 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRAILER,
     header::TRANSFER_ENCODING,
 ];
+
+/// Removes a request's hop-by-hop headers; see [`remove_hop_by_hop`].
+pub fn strip_hop_by_hop<B>(mut request: Request<B>) -> Request<B> {
+    remove_hop_by_hop(request.headers_mut());
+    request
+}
 
 /// Removes hop-by-hop headers, including any that `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

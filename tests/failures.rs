@@ -164,7 +164,7 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
 #[tokio::test]
 async fn requests_past_max_concurrent_are_shed_with_503() {
     let mut h = Harness::start(|c| c.limits.max_concurrent_requests = 1).await;
-    h.upstream.set_delay(Duration::from_secs(2));
+    h.upstream.set_delay(Duration::from_secs(3));
     let slow_url = h.url("/api/v1/data_sources/1/test");
     let slow = tokio::spawn(async move {
         let client =
@@ -187,6 +187,9 @@ async fn requests_past_max_concurrent_are_shed_with_503() {
     assert_eq!(json(&body)["code"], "overloaded");
     assert_eq!(slow.await.unwrap(), 200);
     h.shutdown().await;
+    let shed = h.audit().into_iter().find(|r| r["status"] == 503).unwrap();
+    assert_eq!(shed["caller"], "127.0.0.1");
+    assert_eq!(shed["outcome"], "rejected");
 }
 
 #[tokio::test]
@@ -273,4 +276,139 @@ async fn body_that_never_arrives_is_answered_408_after_header_read_timeout() {
     assert!(h.upstream.received().is_empty());
     h.shutdown().await;
     assert_eq!(h.audit()[0]["status"], 408);
+}
+
+#[tokio::test]
+async fn half_sent_second_request_on_a_kept_alive_connection_is_disconnected() {
+    let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 404"));
+    stream
+        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        read.is_ok(),
+        "the gateway kept a half-sent second request open"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_caller_hanging_up_does_not_lose_the_audit_record() {
+    let mut h = Harness::start(|_| {}).await;
+    h.upstream.set_delay(Duration::from_millis(500));
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    stream
+        .write_all(b"POST /api/v1/data_sources/21/test HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.upstream.received().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Datafold has the request; the caller leaves before the answer.
+    drop(stream);
+    h.shutdown().await;
+    let audit = h.audit();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["data_source_id"], 21);
+    assert_eq!(audit[0]["upstream_status"], 200);
+    assert!(audit[0]["job_id"].as_i64().is_some(), "{}", audit[0]);
+}
+
+#[tokio::test]
+async fn requests_still_running_when_the_grace_ends_are_audited_as_aborted() {
+    let mut h = Harness::start(|c| c.limits.shutdown_grace = Duration::from_millis(300)).await;
+    h.upstream.set_delay(Duration::from_secs(30));
+    let url = h.url("/api/v1/data_sources/5/test");
+    let caller = tokio::spawn(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let request = http::Request::post(url).body(Default::default()).unwrap();
+        client.request(request).await.map(|r| r.status().as_u16())
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.upstream.received().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let started = Instant::now();
+    h.shutdown().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The caller got the 503 or a closed connection; either way it is not left hanging.
+    if let Ok(status) = caller.await.unwrap() {
+        assert_eq!(status, 503);
+    }
+    let audit = h.audit();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["outcome"], "aborted");
+    assert_eq!(audit[0]["status"], 503);
+}
+
+#[tokio::test]
+async fn readyz_turns_503_while_requests_drain() {
+    let mut h = Harness::start(|_| {}).await;
+    h.upstream.set_delay(Duration::from_secs(2));
+    let url = h.url("/api/v1/data_sources/5/test");
+    let in_flight = tokio::spawn(async move {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Full<bytes::Bytes>>();
+        let request = http::Request::post(url).body(Default::default()).unwrap();
+        client.request(request).await.unwrap().status().as_u16()
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while h.upstream.received().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "request never reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    h.begin_shutdown();
+    let mut status = String::new();
+    while Instant::now() < deadline {
+        let mut stream = TcpStream::connect(h.admin).await.unwrap();
+        stream
+            .write_all(b"GET /readyz HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        status.clear();
+        stream.read_to_string(&mut status).await.unwrap();
+        if status.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    assert_eq!(in_flight.await.unwrap(), 200);
+    h.shutdown().await;
 }

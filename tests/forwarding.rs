@@ -62,6 +62,20 @@ async fn caller_credentials_are_removed_and_never_win() {
 }
 
 #[tokio::test]
+async fn connection_header_cannot_remove_the_key() {
+    let mut h = Harness::start(|_| {}).await;
+    let request = Request::post(h.url("/api/v1/data_sources/1/test"))
+        .header("connection", "authorization, x-request-id")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let (response, _) = h.send(request).await;
+    assert_eq!(response.status(), 200);
+    let seen = &h.upstream.received()[0].headers;
+    assert_eq!(seen["authorization"], format!("Key {API_KEY}"));
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn host_is_the_upstreams_and_query_and_hop_by_hop_headers_are_dropped() {
     let mut h = Harness::start(|_| {}).await;
     let request = Request::post(h.url("/api/v1/data_sources/5/test?debug=1&token=x"))

@@ -5,6 +5,11 @@
 //! request id) and the [`AuditFacts`] the inner layers attached to the response (caller, route,
 //! ids, outcome, limit, upstream status). The facts are taken off the response: they are
 //! internal and never leave the gateway.
+//!
+//! Each request runs to its end in a task of its own, tracked by [`RequestTasks`]: a caller that
+//! hangs up does not cancel a test that Datafold may already have started, and its record still
+//! says what happened. Only shutdown cancels requests, once `limits.shutdown_grace` has run out;
+//! they are answered 503 and audited with outcome `aborted`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -13,21 +18,31 @@ use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use http::{Request, Response};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
 use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
 use crate::audit::{AuditFacts, AuditLog, Outcome, Record};
-use crate::Body;
+use crate::{error, Body};
+
+/// The requests being handled, for shutdown to wait for or, past its grace, cancel.
+#[derive(Debug, Clone, Default)]
+pub struct RequestTasks {
+    pub tracker: TaskTracker,
+    pub cancel: CancellationToken,
+}
 
 #[derive(Debug, Clone)]
 pub struct AuditLayer {
     log: AuditLog,
+    tasks: RequestTasks,
 }
 
 impl AuditLayer {
-    pub fn new(log: AuditLog) -> Self {
-        Self { log }
+    pub fn new(log: AuditLog, tasks: RequestTasks) -> Self {
+        Self { log, tasks }
     }
 }
 
@@ -38,6 +53,7 @@ impl<S> Layer<S> for AuditLayer {
         Audit {
             inner,
             log: self.log.clone(),
+            tasks: self.tasks.clone(),
         }
     }
 }
@@ -46,6 +62,7 @@ impl<S> Layer<S> for AuditLayer {
 pub struct Audit<S> {
     inner: S,
     log: AuditLog,
+    tasks: RequestTasks,
 }
 
 /// What the audit record needs from the request, taken before the request moves inward.
@@ -87,34 +104,52 @@ where
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
         };
-        let response = self.inner.call(request);
+        let work = self.inner.call(request);
         let log = self.log.clone();
-        Box::pin(async move {
-            let Ok(mut response) = response.await;
-            let facts = response
-                .extensions_mut()
-                .remove::<AuditFacts>()
-                .unwrap_or_default();
-            let record = Record {
-                ts: humantime::format_rfc3339_micros(seen.ts).to_string(),
-                request_id: seen.request_id.as_deref(),
-                caller: facts.caller.as_deref(),
-                peer: seen.peer,
-                method: seen.method.as_str(),
-                path: &seen.path,
-                route: facts.route,
-                data_source_id: facts.data_source_id,
-                job_id: facts.job_id,
-                status: response.status().as_u16(),
-                outcome: facts.outcome.unwrap_or(Outcome::Rejected),
-                limit: facts.limit,
-                upstream_status: facts.upstream_status,
-                duration_ms: (seen.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        let cancel = self.tasks.cancel.clone();
+        let task = self.tasks.tracker.spawn(async move {
+            let response = tokio::select! {
+                result = work => {
+                    let Ok(response) = result;
+                    response
+                }
+                () = cancel.cancelled() => error::shutting_down(),
             };
-            log.append(&record).await;
-            Ok(response)
+            write_record(seen, response, &log).await
+        });
+        Box::pin(async move {
+            Ok(task.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "request task failed");
+                error::internal_error()
+            }))
         })
     }
+}
+
+/// Appends the request's record; returns the response, its facts removed.
+async fn write_record(seen: Seen, mut response: Response<Body>, log: &AuditLog) -> Response<Body> {
+    let facts = response
+        .extensions_mut()
+        .remove::<AuditFacts>()
+        .unwrap_or_default();
+    let record = Record {
+        ts: humantime::format_rfc3339_micros(seen.ts).to_string(),
+        request_id: seen.request_id.as_deref(),
+        caller: facts.caller.as_deref(),
+        peer: seen.peer,
+        method: seen.method.as_str(),
+        path: &seen.path,
+        route: facts.route,
+        data_source_id: facts.data_source_id,
+        job_id: facts.job_id,
+        status: response.status().as_u16(),
+        outcome: facts.outcome.unwrap_or(Outcome::Rejected),
+        limit: facts.limit,
+        upstream_status: facts.upstream_status,
+        duration_ms: (seen.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+    };
+    log.append(&record).await;
+    response
 }
 
 #[cfg(test)]
@@ -142,7 +177,7 @@ mod tests {
             });
             Ok::<_, Infallible>(response)
         });
-        let service = AuditLayer::new(log.clone()).layer(inner);
+        let service = AuditLayer::new(log.clone(), RequestTasks::default()).layer(inner);
         let mut request = Request::builder()
             .method("POST")
             .uri("/api/v1/data_sources/42/test?x=1")

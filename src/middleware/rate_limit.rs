@@ -4,19 +4,24 @@
 //! Limits are checked in `call` and a refusal is an immediate 429; nothing waits in
 //! `poll_ready`, so one throttled caller never holds up another. The most specific limit is
 //! checked first, so that a caller refused by its own limit does not use up the global quota that
-//! everyone shares. `Retry-After` is the time until the refusing limit would admit the request.
+//! everyone shares. The other way round, a request refused by a later limit has used a token of
+//! the earlier ones: governor cannot look without taking, and an attempt is an attempt.
+//! `Retry-After` is the time until the refusing limit would admit the request.
 //!
-//! Keyed limiters hold one small cell per caller or data source seen recently; a background
-//! sweep ([`Limiters::sweep`]) drops the cells that have refilled, which bounds their memory by
-//! the keys active within one refill period.
+//! Keyed limiters hold one small cell per caller or data source seen recently. A background
+//! sweep ([`Limiters::sweep`]) drops the cells that have refilled, and `rate_limit.max_tracked_keys`
+//! caps them outright: a caller spraying distinct data source ids cannot grow memory past it. At
+//! the cap, requests needing a new cell are refused (fail closed) until a sweep frees room.
 
 use std::convert::Infallible;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::Either;
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 use http::{Request, Response};
 use tower::{Layer, Service};
@@ -31,20 +36,17 @@ use crate::{error, Body};
 /// The configured limiters; one set shared by every connection.
 pub struct Limiters {
     global: Option<DefaultDirectRateLimiter>,
-    per_caller: Option<DefaultKeyedRateLimiter<Arc<str>>>,
-    per_data_source: Option<DefaultKeyedRateLimiter<i64>>,
-    clock: DefaultClock,
+    per_caller: Option<Bounded<Arc<str>>>,
+    per_data_source: Option<Bounded<i64>>,
 }
 
 impl std::fmt::Debug for Limiters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (callers, data_sources) = self.tracked_keys();
         f.debug_struct("Limiters")
             .field("global", &self.global.is_some())
-            .field("per_caller", &self.per_caller.as_ref().map(|l| l.len()))
-            .field(
-                "per_data_source",
-                &self.per_data_source.as_ref().map(|l| l.len()),
-            )
+            .field("per_caller_keys", &callers)
+            .field("per_data_source_keys", &data_sources)
             .finish()
     }
 }
@@ -55,8 +57,17 @@ fn quota(limit: &RateLimit) -> Quota {
         .allow_burst(limit.burst)
 }
 
+/// How long a refused check waits before it would pass.
+fn wait<P: governor::clock::Reference>(
+    until: governor::NotUntil<P>,
+    clock: &impl Clock<Instant = P>,
+) -> Duration {
+    until.wait_time_from(clock.now())
+}
+
 impl Limiters {
     pub fn new(config: &RateLimits) -> Self {
+        let max_keys = config.max_tracked_keys;
         Self {
             global: config
                 .global
@@ -65,12 +76,11 @@ impl Limiters {
             per_caller: config
                 .per_caller
                 .as_ref()
-                .map(|l| DefaultKeyedRateLimiter::keyed(quota(l))),
+                .map(|l| Bounded::new(quota(l), max_keys)),
             per_data_source: config
                 .per_data_source
                 .as_ref()
-                .map(|l| DefaultKeyedRateLimiter::keyed(quota(l))),
-            clock: DefaultClock::default(),
+                .map(|l| Bounded::new(quota(l), max_keys)),
         }
     }
 
@@ -84,20 +94,20 @@ impl Limiters {
     ) -> Result<(), (Limit, Duration)> {
         if let (Some(limiter), Some(caller)) = (&self.per_caller, caller) {
             limiter
-                .check_key(&caller.0)
-                .map_err(|until| (Limit::Caller, until.wait_time_from(self.clock.now())))?;
+                .check(&caller.0)
+                .map_err(|wait| (Limit::Caller, wait))?;
         }
         if let (Some(limiter), Some(Route::TestConnection { data_source_id })) =
             (&self.per_data_source, route)
         {
             limiter
-                .check_key(data_source_id)
-                .map_err(|until| (Limit::DataSource, until.wait_time_from(self.clock.now())))?;
+                .check(data_source_id)
+                .map_err(|wait| (Limit::DataSource, wait))?;
         }
         if let Some(limiter) = &self.global {
             limiter
                 .check()
-                .map_err(|until| (Limit::Global, until.wait_time_from(self.clock.now())))?;
+                .map_err(|until| (Limit::Global, wait(until, limiter.clock())))?;
         }
         Ok(())
     }
@@ -105,20 +115,18 @@ impl Limiters {
     /// Forgets keys whose limiter has refilled: they behave exactly like a key never seen.
     pub fn sweep(&self) {
         if let Some(limiter) = &self.per_caller {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+            limiter.sweep();
         }
         if let Some(limiter) = &self.per_data_source {
-            limiter.retain_recent();
-            limiter.shrink_to_fit();
+            limiter.sweep();
         }
     }
 
     /// Keys currently tracked by the per-caller and per-data-source limiters.
     pub fn tracked_keys(&self) -> (usize, usize) {
         (
-            self.per_caller.as_ref().map_or(0, |l| l.len()),
-            self.per_data_source.as_ref().map_or(0, |l| l.len()),
+            self.per_caller.as_ref().map_or(0, |l| l.limiter.len()),
+            self.per_data_source.as_ref().map_or(0, |l| l.limiter.len()),
         )
     }
 
@@ -134,6 +142,83 @@ impl Limiters {
                 None => return,
             }
         }
+    }
+}
+
+/// How many checks may pass between two looks at a keyed limiter's size: counting its keys
+/// takes every shard's lock, too dear for every request. The cap may be overshot by this many.
+const SIZE_CHECK_EVERY: u64 = 256;
+/// While at the cap, a sweep to make room runs at most this often: it walks every key.
+const FORCED_SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// A keyed limiter whose number of keys is capped.
+struct Bounded<K: Hash + Eq + Clone> {
+    limiter: DefaultKeyedRateLimiter<K>,
+    max_keys: usize,
+    checks: AtomicU64,
+    full: AtomicBool,
+    created: Instant,
+    /// Milliseconds from `created` to the last sweep forced by the cap.
+    last_forced_sweep_ms: AtomicU64,
+}
+
+impl<K: Hash + Eq + Clone> Bounded<K> {
+    fn new(quota: Quota, max_keys: usize) -> Self {
+        Self {
+            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            max_keys,
+            checks: AtomicU64::new(0),
+            full: AtomicBool::new(false),
+            created: Instant::now(),
+            last_forced_sweep_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn check(&self, key: &K) -> Result<(), Duration> {
+        let nth = self.checks.fetch_add(1, Ordering::Relaxed);
+        if nth % SIZE_CHECK_EVERY == 0 || self.full.load(Ordering::Relaxed) {
+            self.make_room();
+        }
+        if self.full.load(Ordering::Relaxed) {
+            return Err(FORCED_SWEEP_EVERY);
+        }
+        self.limiter
+            .check_key(key)
+            .map_err(|until| wait(until, self.limiter.clock()))
+    }
+
+    /// At the cap, sweeps (at most once per [`FORCED_SWEEP_EVERY`]) and notes whether there is
+    /// room again.
+    fn make_room(&self) {
+        if self.limiter.len() < self.max_keys {
+            self.full.store(false, Ordering::Relaxed);
+            return;
+        }
+        let now_ms = self.created.elapsed().as_millis() as u64;
+        let last = self.last_forced_sweep_ms.load(Ordering::Relaxed);
+        let due = now_ms.saturating_sub(last) >= FORCED_SWEEP_EVERY.as_millis() as u64 || last == 0;
+        if due
+            && self
+                .last_forced_sweep_ms
+                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.limiter.retain_recent();
+        }
+        let full = self.limiter.len() >= self.max_keys;
+        if full && !self.full.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                max_tracked_keys = self.max_keys,
+                "a keyed rate limiter is full; refusing new keys until some refill"
+            );
+        }
+        self.full.store(full, Ordering::Relaxed);
+    }
+
+    fn sweep(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+        self.make_room();
     }
 }
 
@@ -354,6 +439,32 @@ mod tests {
             assert_eq!(send(&service, "noisy", START_1).await.status(), 429);
         }
         assert_eq!(send(&service, "quiet", START_1).await.status(), 200);
+    }
+
+    #[test]
+    fn distinct_keys_past_the_cap_are_refused_not_stored() {
+        let limiters = Limiters::new(&RateLimits {
+            per_data_source: limit("1/h", 1),
+            max_tracked_keys: 1000,
+            ..Default::default()
+        });
+        let mut refused = 0;
+        for id in 0..20_000 {
+            match limiters.check(None, Some(&Route::TestConnection { data_source_id: id })) {
+                Ok(()) => {}
+                Err((limit, wait)) => {
+                    assert_eq!(limit, Limit::DataSource);
+                    assert!(wait >= Duration::from_secs(1));
+                    refused += 1;
+                }
+            }
+        }
+        let tracked = limiters.tracked_keys().1;
+        assert!(
+            tracked <= 1000 + SIZE_CHECK_EVERY as usize,
+            "{tracked} keys"
+        );
+        assert!(refused >= 20_000 - tracked, "{refused} refused");
     }
 
     #[test]

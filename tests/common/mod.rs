@@ -123,11 +123,16 @@ impl Harness {
         read_audit(&self.audit_file)
     }
 
-    /// Stops the gateway gracefully and waits until it has finished.
-    pub async fn shutdown(&mut self) {
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Stops the gateway gracefully and waits until it has finished.
+    pub async fn shutdown(&mut self) {
+        self.begin_shutdown();
         if let Some(run) = self.run.take() {
             run.await.unwrap();
         }
