@@ -96,11 +96,6 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
-    /// Host name without port, as the TLS server name.
-    pub fn host(&self) -> &str {
-        self.authority.host()
-    }
-
     /// The full upstream URI for a gateway path such as `/api/v1/data_sources/1/test`.
     pub fn join(&self, path: &str) -> Result<Uri, http::Error> {
         Uri::builder()
@@ -518,7 +513,7 @@ mod tests {
         let config = parse("").unwrap();
         assert_eq!(config.listen.addr.to_string(), "127.0.0.1:8080");
         assert_eq!(config.admin.addr.to_string(), "127.0.0.1:9090");
-        assert_eq!(config.upstream.url.host(), "app.datafold.com");
+        assert_eq!(config.upstream.url.authority.host(), "app.datafold.com");
         assert_eq!(config.api_key, ApiKeySource::Env("DATAFOLD_API_KEY".into()));
         assert_eq!(config.limits.max_body_bytes, 65536);
         assert_eq!(config.limits.shutdown_grace, Duration::from_secs(30));
@@ -571,7 +566,7 @@ mod tests {
             url.join("/api/v1/data_sources/1/test").unwrap().to_string(),
             "https://datafold.example.com:8443/datafold/api/v1/data_sources/1/test"
         );
-        assert_eq!(url.host(), "datafold.example.com");
+        assert_eq!(url.authority.host(), "datafold.example.com");
     }
 
     #[test]

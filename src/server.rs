@@ -10,7 +10,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -335,7 +335,8 @@ async fn serve_connection<S, B>(
 /// Requests in flight on one connection, and when the last one finished.
 struct Activity {
     opened: Instant,
-    started: AtomicU64,
+    /// Whether any request has started on this connection yet.
+    served: AtomicBool,
     in_flight: AtomicUsize,
     /// Milliseconds from `opened` to the end of the last request.
     last_done_ms: AtomicU64,
@@ -345,7 +346,7 @@ impl Activity {
     fn new() -> Self {
         Self {
             opened: Instant::now(),
-            started: AtomicU64::new(0),
+            served: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             last_done_ms: AtomicU64::new(0),
         }
@@ -357,7 +358,7 @@ impl Activity {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Some(later(now, deadlines.idle));
         }
-        let deadline = if self.started.load(Ordering::Acquire) == 0 {
+        let deadline = if !self.served.load(Ordering::Acquire) {
             later(self.opened, deadlines.first_request)
         } else {
             let last_ms = self.last_done_ms.load(Ordering::Acquire);
@@ -378,7 +379,7 @@ struct InFlight(Arc<Activity>);
 
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {
-        activity.started.fetch_add(1, Ordering::AcqRel);
+        activity.served.store(true, Ordering::Release);
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         Self(activity.clone())
     }
