@@ -87,12 +87,17 @@ pub async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
     // Idle pooled connections would otherwise hold the graceful shutdown open.
     drop(caller);
 
-    let waited = match (&shown, keep) {
+    let waited: Result<(), Error> = match (&shown, keep) {
         (Ok(first_job), true) => {
-            print_curl_lines(listen, admin, *first_job);
-            tokio::signal::ctrl_c()
-                .await
-                .context("cannot wait for Ctrl-C")
+            // Listen for Ctrl-C before saying so, or an early one would kill the process.
+            match interrupt_listener().context("cannot wait for Ctrl-C") {
+                Ok(interrupted) => {
+                    print_curl_lines(listen, admin, *first_job);
+                    interrupted.await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         }
         _ => Ok(()),
     };
@@ -102,6 +107,14 @@ pub async fn run(keep: bool) -> Result<(), Box<dyn std::error::Error>> {
     waited?;
     println!("\nGateway stopped. For real: `datafold-gateway serve --config {CONFIG_PATH}`.");
     Ok(())
+}
+
+/// Resolves on the next SIGINT; listening starts when this returns, not when it is awaited.
+fn interrupt_listener() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    Ok(async move {
+        interrupt.recv().await;
+    })
 }
 
 fn unique() -> impl Display {

@@ -71,37 +71,31 @@ fn main() -> ExitCode {
 async fn serve(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(&path)?;
     telemetry::init(&config.log);
-    let gateway = server::Gateway::bind(config).await?;
-    gateway.run(shutdown_signal()).await?;
+    let stop = shutdown_signal()?;
+    let in_file = |e: server::GatewayError| format!("{}: {e}", path.display());
+    let gateway = server::Gateway::bind(config).await.map_err(in_file)?;
+    gateway.run(stop).await.map_err(in_file)?;
     Ok(())
 }
 
 fn check_config(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(&path)?;
-    server::prepare(&config)?;
+    server::prepare(&config).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("# {}: OK (API key loaded; shown redacted)", path.display());
     print!("{}", config.redacted_toml());
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => {}
-                    _ = terminate.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
+/// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this returns, so a
+/// signal that arrives while the gateway is still starting is not lost (nor fatal).
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+    })
 }

@@ -122,6 +122,7 @@ struct State {
     jobs: Mutex<HashMap<i64, i64>>,
     next_job: AtomicI64,
     delay_ms: AtomicU64,
+    connections: AtomicU64,
 }
 
 impl StandIn {
@@ -135,6 +136,7 @@ impl StandIn {
             jobs: Mutex::new(HashMap::new()),
             next_job: AtomicI64::new(1001),
             delay_ms: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
         });
         let acceptor = TlsAcceptor::from(tls);
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone()));
@@ -153,6 +155,11 @@ impl StandIn {
     /// Every request received so far, oldest first.
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().expect("not poisoned").clone()
+    }
+
+    /// TLS connections accepted so far: one per handshake.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::Relaxed)
     }
 
     /// Makes every answer wait this long first, to stand in for a slow upstream.
@@ -183,6 +190,7 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, state: Arc<St
             let Ok(tls) = acceptor.accept(stream).await else {
                 return;
             };
+            state.connections.fetch_add(1, Ordering::Relaxed);
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(answer(&state, request).await) }

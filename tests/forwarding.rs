@@ -42,6 +42,26 @@ async fn test_start_is_forwarded_with_the_key_and_its_answer_passes_through() {
 }
 
 #[tokio::test]
+async fn upstream_connection_is_reused_over_http2() {
+    let mut h = Harness::start(|_| {}).await;
+    for id in 0..10 {
+        let (response, _) = h.post(&format!("/api/v1/data_sources/{id}/test")).await;
+        assert_eq!(response.status(), 200);
+    }
+    assert_eq!(
+        h.upstream.connections(),
+        1,
+        "one TLS handshake for all requests"
+    );
+    assert!(h
+        .upstream
+        .received()
+        .iter()
+        .all(|r| r.version == http::Version::HTTP_2));
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn caller_credentials_are_removed_and_never_win() {
     let mut h = Harness::start(|_| {}).await;
     let request = Request::post(h.url("/api/v1/data_sources/1/test"))

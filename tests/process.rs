@@ -397,6 +397,20 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
 }
 
 #[tokio::test]
+async fn sigterm_right_after_start_is_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("ca").unwrap();
+    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
+    let config = served_config(dir.path(), &ca, &upstream, "");
+    let served = Served::start(&config, &[]);
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+}
+
+#[tokio::test]
 async fn sigint_stops_it_cleanly_too() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ThrowawayCa::new("ca").unwrap();
@@ -437,4 +451,42 @@ fn demo_runs_its_scenario_and_exits_zero() {
         stdout.contains("test_connection"),
         "demo shows no audit table:\n{stdout}"
     );
+}
+
+#[test]
+fn demo_keep_serves_until_interrupted() {
+    let mut child = Command::new(BIN)
+        .args(["demo", "--keep"])
+        .env_remove("DATAFOLD_API_KEY")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines().map_while(Result::ok);
+    // The readyz curl line names the admin listener that --keep leaves running.
+    let readyz = lines
+        .find_map(|line| {
+            let url = line.split_whitespace().find(|w| w.ends_with("/readyz"))?;
+            Some(url.trim_start_matches("http://").to_owned())
+        })
+        .expect("demo --keep printed no readyz line");
+    let (admin, path) = readyz.split_once('/').unwrap();
+    let mut stream = std::net::TcpStream::connect(admin).unwrap();
+    use std::io::{Read, Write};
+    write!(
+        stream,
+        "GET /{path} HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a pid we spawned and have not waited for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
 }
