@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{config_for, json, Harness, API_KEY};
+use common::{config_for, json, wait_for_upstream, Harness, API_KEY};
 use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +25,20 @@ async fn gateway_to(
     config.upstream.connect_timeout = Duration::from_secs(2);
     customize(&mut config);
     Harness::start_with(dir, ca, unused, config).await
+}
+
+/// Asserts that the gateway closes `stream`, no sooner than `at_least` from now (and within
+/// a 10 s bound on the test itself).
+async fn assert_closed_no_sooner_than(stream: &mut TcpStream, at_least: Duration, what: &str) {
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "{what}");
+    assert!(
+        started.elapsed() >= at_least,
+        "closed after {:?}",
+        started.elapsed()
+    );
 }
 
 async fn assert_upstream_error(h: &mut Harness, status: u16, code: &str) {
@@ -124,16 +138,13 @@ async fn half_sent_request_is_disconnected_after_header_read_timeout() {
         .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
         .await
         .unwrap();
-    let started = Instant::now();
-    let mut rest = Vec::new();
     // A bound on the test, far above the configured timeout: the gateway must close first.
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the gateway kept a half-sent request open");
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_closed_no_sooner_than(
+        &mut stream,
+        Duration::from_millis(250),
+        "the gateway kept a half-sent request open",
+    )
+    .await;
     assert!(h.upstream.received().is_empty());
     h.shutdown().await;
 }
@@ -149,15 +160,12 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let mut answer = vec![0u8; 4096];
     let n = stream.read(&mut answer).await.unwrap();
     assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 404"));
-    let started = Instant::now();
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "idle connection was kept open");
-    assert!(
-        started.elapsed() >= Duration::from_millis(200),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_closed_no_sooner_than(
+        &mut stream,
+        Duration::from_millis(200),
+        "idle connection was kept open",
+    )
+    .await;
     h.shutdown().await;
 }
 
@@ -165,27 +173,13 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
 async fn requests_past_max_concurrent_are_shed_with_503() {
     let mut h = Harness::start(|c| c.limits.max_concurrent_requests = 1).await;
     h.upstream.set_delay(Duration::from_secs(3));
-    let slow_url = h.url("/api/v1/data_sources/1/test");
-    let slow = tokio::spawn(async move {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Full<bytes::Bytes>>();
-        let request = http::Request::post(slow_url)
-            .body(Default::default())
-            .unwrap();
-        client.request(request).await.unwrap().status()
-    });
-    // Wait until the slow request has reached the upstream, so it holds the only slot.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while h.upstream.received().is_empty() {
-        assert!(Instant::now() < deadline, "slow request never arrived");
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let slow = h.spawn_post("/api/v1/data_sources/1/test");
+    // Once the slow request has reached the upstream, it holds the only slot.
+    wait_for_upstream(&h.upstream).await;
     let (response, body) = h.post("/api/v1/data_sources/2/test").await;
     assert_eq!(response.status(), 503);
     assert_eq!(json(&body)["code"], "overloaded");
-    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(slow.await.unwrap().unwrap(), 200);
     h.shutdown().await;
     let shed = h.audit().into_iter().find(|r| r["status"] == 503).unwrap();
     assert_eq!(shed["caller"], "127.0.0.1");
@@ -244,16 +238,13 @@ async fn oversized_request_headers_are_refused_without_forwarding() {
 async fn silent_connection_is_disconnected_after_header_read_timeout() {
     let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
-    let started = Instant::now();
-    let mut rest = Vec::new();
     // Not one byte sent; the default idle timeout (60 s) is far past the bound below.
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
-    assert!(read.is_ok(), "the gateway kept a silent connection open");
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_closed_no_sooner_than(
+        &mut stream,
+        Duration::from_millis(250),
+        "the gateway kept a silent connection open",
+    )
+    .await;
     h.shutdown().await;
 }
 
@@ -293,18 +284,12 @@ async fn half_sent_second_request_on_a_kept_alive_connection_is_disconnected() {
         .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
         .await
         .unwrap();
-    let started = Instant::now();
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
-    assert!(
-        read.is_ok(),
-        "the gateway kept a half-sent second request open"
-    );
-    assert!(
-        started.elapsed() >= Duration::from_millis(250),
-        "{:?}",
-        started.elapsed()
-    );
+    assert_closed_no_sooner_than(
+        &mut stream,
+        Duration::from_millis(250),
+        "the gateway kept a half-sent second request open",
+    )
+    .await;
     assert!(h.upstream.received().is_empty());
     h.shutdown().await;
 }
@@ -318,14 +303,7 @@ async fn a_caller_hanging_up_does_not_lose_the_audit_record() {
         .write_all(b"POST /api/v1/data_sources/21/test HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.upstream.received().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    wait_for_upstream(&h.upstream).await;
     // Datafold has the request; the caller leaves before the answer.
     drop(stream);
     h.shutdown().await;
@@ -340,22 +318,8 @@ async fn a_caller_hanging_up_does_not_lose_the_audit_record() {
 async fn requests_still_running_when_the_grace_ends_are_audited_as_aborted() {
     let mut h = Harness::start(|c| c.limits.shutdown_grace = Duration::from_millis(300)).await;
     h.upstream.set_delay(Duration::from_secs(30));
-    let url = h.url("/api/v1/data_sources/5/test");
-    let caller = tokio::spawn(async move {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Full<bytes::Bytes>>();
-        let request = http::Request::post(url).body(Default::default()).unwrap();
-        client.request(request).await.map(|r| r.status().as_u16())
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.upstream.received().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let caller = h.spawn_post("/api/v1/data_sources/5/test");
+    wait_for_upstream(&h.upstream).await;
     let started = Instant::now();
     h.shutdown().await;
     assert!(
@@ -377,24 +341,11 @@ async fn requests_still_running_when_the_grace_ends_are_audited_as_aborted() {
 async fn readyz_turns_503_while_requests_drain() {
     let mut h = Harness::start(|_| {}).await;
     h.upstream.set_delay(Duration::from_secs(2));
-    let url = h.url("/api/v1/data_sources/5/test");
-    let in_flight = tokio::spawn(async move {
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http::<http_body_util::Full<bytes::Bytes>>();
-        let request = http::Request::post(url).body(Default::default()).unwrap();
-        client.request(request).await.unwrap().status().as_u16()
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while h.upstream.received().is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let in_flight = h.spawn_post("/api/v1/data_sources/5/test");
+    wait_for_upstream(&h.upstream).await;
     h.begin_shutdown();
     let mut status = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let mut stream = TcpStream::connect(h.admin).await.unwrap();
         stream
@@ -409,6 +360,6 @@ async fn readyz_turns_503_while_requests_drain() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(status.starts_with("HTTP/1.1 503"), "{status}");
-    assert_eq!(in_flight.await.unwrap(), 200);
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
     h.shutdown().await;
 }

@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{config_for, read_audit, API_KEY};
+use common::{config_for, read_audit, wait_for_upstream, API_KEY};
 use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http::Request;
 use http_body_util::{BodyExt, Full};
@@ -250,6 +250,16 @@ async fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) ->
     status
 }
 
+/// A folder for config, key and audit, a CA, and a stand-in with a certificate from it.
+async fn stand_in() -> (tempfile::TempDir, ThrowawayCa, StandIn) {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("ca").unwrap();
+    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
+    (dir, ca, upstream)
+}
+
 fn served_config(dir: &Path, ca: &ThrowawayCa, upstream: &StandIn, extra: &str) -> String {
     let config = config_for(dir, ca, &upstream.url());
     let text = format!(
@@ -269,11 +279,7 @@ fn served_config(dir: &Path, ca: &ThrowawayCa, upstream: &StandIn, extra: &str) 
 
 #[tokio::test]
 async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ThrowawayCa::new("ca").unwrap();
-    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
-        .await
-        .unwrap();
+    let (dir, ca, upstream) = stand_in().await;
     let config = served_config(
         dir.path(),
         &ca,
@@ -361,11 +367,7 @@ async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ThrowawayCa::new("ca").unwrap();
-    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
-        .await
-        .unwrap();
+    let (dir, ca, upstream) = stand_in().await;
     upstream.set_delay(Duration::from_millis(1500));
     let config = served_config(
         dir.path(),
@@ -378,14 +380,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let in_flight =
         tokio::spawn(async move { send(&addr, "POST", "/api/v1/data_sources/7/test", &[]).await });
     // SIGTERM only once the request is in flight: it has reached the upstream.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while upstream.received().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "request never reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_for_upstream(&upstream).await;
     served.terminate();
     assert_eq!(in_flight.await.unwrap(), 200);
     let (status, log) = served.wait();
@@ -398,11 +393,7 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
 
 #[tokio::test]
 async fn sigterm_right_after_start_is_a_clean_stop() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ThrowawayCa::new("ca").unwrap();
-    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
-        .await
-        .unwrap();
+    let (dir, ca, upstream) = stand_in().await;
     let config = served_config(dir.path(), &ca, &upstream, "");
     let served = Served::start(&config, &[]);
     served.terminate();
@@ -412,11 +403,7 @@ async fn sigterm_right_after_start_is_a_clean_stop() {
 
 #[tokio::test]
 async fn sigint_stops_it_cleanly_too() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ThrowawayCa::new("ca").unwrap();
-    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
-        .await
-        .unwrap();
+    let (dir, ca, upstream) = stand_in().await;
     let config = served_config(dir.path(), &ca, &upstream, "[log]\nformat = \"json\"\n");
     let served = Served::start(&config, &[]);
     assert_eq!(

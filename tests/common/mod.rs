@@ -113,6 +113,18 @@ impl Harness {
         self.send(request).await
     }
 
+    /// Starts a POST in the background; resolves to its status, or the client's error.
+    pub fn spawn_post(
+        &self,
+        path: &str,
+    ) -> tokio::task::JoinHandle<Result<u16, hyper_util::client::legacy::Error>> {
+        let client = self.client.clone();
+        let request = Request::post(self.url(path))
+            .body(Full::new(Bytes::from_static(b"{}")))
+            .unwrap();
+        tokio::spawn(async move { Ok(client.request(request).await?.status().as_u16()) })
+    }
+
     pub async fn get(&self, path: &str) -> (Response<()>, Bytes) {
         let request = Request::get(self.url(path)).body(Full::default()).unwrap();
         self.send(request).await
@@ -136,6 +148,18 @@ impl Harness {
         if let Some(run) = self.run.take() {
             run.await.unwrap();
         }
+    }
+}
+
+/// Waits (up to 10 s) until the upstream has received a request: the request is then in flight.
+pub async fn wait_for_upstream(upstream: &StandIn) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while upstream.received().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request reached the upstream"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
