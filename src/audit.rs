@@ -24,7 +24,8 @@ pub enum Outcome {
     Rejected,
     RateLimited,
     UpstreamError,
-    /// Cut off at shutdown, after `limits.shutdown_grace`; answered 503 if the caller was still there.
+    /// Cut off before an answer: by shutdown, after `limits.shutdown_grace` (503), or by a
+    /// failure inside the gateway (500).
     Aborted,
 }
 
@@ -106,11 +107,11 @@ impl AuditLog {
         let path = path.to_owned();
         thread::Builder::new()
             .name("audit-writer".into())
-            .spawn(move || write_loop(file, &path, rx))
-            .map_err(|e| AuditError {
-                path: PathBuf::new(),
-                source: e,
-            })?;
+            .spawn({
+                let path = path.clone();
+                move || write_loop(file, &path, rx)
+            })
+            .map_err(|e| AuditError { path, source: e })?;
         Ok(Self { tx })
     }
 

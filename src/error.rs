@@ -121,11 +121,15 @@ pub fn shutting_down() -> Response<Body> {
 
 /// A bug: something in the gateway failed. Never expected; logged where it happens.
 pub fn internal_error() -> Response<Body> {
-    error_response(
+    let mut response = error_response(
         StatusCode::INTERNAL_SERVER_ERROR,
         ErrorCode::InternalError,
         "the gateway failed to handle this request",
-    )
+    );
+    response
+        .extensions_mut()
+        .insert(AuditFacts::outcome(Outcome::Aborted));
+    response
 }
 
 /// 429 with `Retry-After` in whole seconds, rounded up, at least 1.

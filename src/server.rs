@@ -38,8 +38,6 @@ use crate::upstream::{self, HttpsClient};
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most header fields accepted in one request.
 const MAX_HEADERS: usize = 100;
-/// How often keyed rate limiters forget refilled keys.
-const LIMITER_SWEEP: Duration = Duration::from_secs(10);
 
 /// Why the gateway cannot start or go on serving; the message names the setting at fault.
 #[derive(Debug)]
@@ -134,10 +132,7 @@ impl Gateway {
         } = self;
         let limiters = Arc::new(Limiters::new(&config.rate_limit));
         let tasks = RequestTasks::default();
-        tokio::spawn(Limiters::sweep_every(
-            Arc::downgrade(&limiters),
-            LIMITER_SWEEP,
-        ));
+        tokio::spawn(Limiters::sweep_every(Arc::downgrade(&limiters)));
         let stack = stack::build::<Incoming>(StackParts {
             config: config.clone(),
             key: prepared.key,
@@ -205,34 +200,63 @@ impl Gateway {
         health.ready.store(false, Ordering::Release);
         drop(listener);
         let _ = stop_tx.send(true);
-        let deadline = tokio::time::Instant::now() + config.limits.shutdown_grace;
-        let drained = tokio::time::timeout_at(deadline, async {
-            while connections.join_next().await.is_some() {}
-        })
-        .await;
-        // Requests whose callers hung up run on in their tasks; they get the same grace.
-        tasks.tracker.close();
-        let finished = match drained {
-            Ok(()) => tokio::time::timeout_at(deadline, tasks.tracker.wait())
-                .await
-                .is_ok(),
-            Err(_) => false,
-        };
-        if !finished {
-            tracing::warn!(
-                connections = connections.len(),
-                requests = tasks.tracker.len(),
-                "shutdown grace ran out; cancelling the requests still running"
-            );
-            // Cancelled requests are answered 503 and audited as `aborted`.
-            tasks.cancel.cancel();
-            tasks.tracker.wait().await;
-            connections.shutdown().await;
-        }
+        drain(connections, &tasks, config.limits.shutdown_grace).await;
         admin_task.abort();
-        audit.close().await;
+        // Past this, every record is in the file; a disk that stalls must not stall the exit.
+        if tokio::time::timeout(AUDIT_CLOSE_LIMIT, audit.close())
+            .await
+            .is_err()
+        {
+            tracing::error!(file = %config.audit.file.display(), "the audit file did not sync in time");
+        }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How long cancelled requests get to deliver their 503 before connections are closed.
+const DELIVER_LIMIT: Duration = Duration::from_millis(500);
+/// How long closing the audit file may take before the gateway exits regardless.
+const AUDIT_CLOSE_LIMIT: Duration = Duration::from_secs(10);
+
+/// Lets connections and requests finish within `grace`; past it, cancels the requests still
+/// running (each answered 503 and audited as `aborted`), then closes what is left.
+async fn drain(mut connections: JoinSet<()>, tasks: &RequestTasks, grace: Duration) {
+    let deadline = tokio::time::Instant::now() + grace;
+    let drained = tokio::time::timeout_at(deadline, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    // Requests whose callers hung up run on in their tasks; they get the same grace.
+    tasks.tracker.close();
+    if drained.is_ok()
+        && tokio::time::timeout_at(deadline, tasks.tracker.wait())
+            .await
+            .is_ok()
+    {
+        return;
+    }
+    tracing::warn!(
+        connections = connections.len(),
+        requests = tasks.tracker.len(),
+        "shutdown grace ran out; cancelling the requests still running"
+    );
+    tasks.cancel.cancel();
+    // Give the cancelled requests' 503s a moment to reach callers still connected.
+    let _ = tokio::time::timeout(DELIVER_LIMIT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    connections.shutdown().await;
+    // Connections are gone, so no request can start now; wait for the last records.
+    if tokio::time::timeout(DELIVER_LIMIT, tasks.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!(
+            requests = tasks.tracker.len(),
+            "requests did not end after cancellation; their records may be missing"
+        );
     }
 }
 
@@ -303,9 +327,8 @@ async fn serve_connection<S, B>(
                 }
                 return;
             }
-            changed = stop.changed(), if !closing => {
-                // Shutdown: the grace period in `run` bounds how long this may take.
-                let _ = changed;
+            _ = stop.changed(), if !closing => {
+                // Shutdown: the grace period in `drain` bounds how long this may take.
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }

@@ -58,6 +58,9 @@ where
             COOKIE,
             PROXY_AUTHORIZATION,
         ]))
+        // Connection-level headers go first: nothing a caller names in `Connection` can take
+        // away the request id or the key set further in.
+        .map_request(strip_hop_by_hop)
         // A caller's request id is kept only if it is safe to write into logs and the audit...
         .map_request(drop_unusable_request_id)
         // ...otherwise one is made, then sent upstream, audited, and returned to the caller.
@@ -90,9 +93,6 @@ where
         .layer(BodyLimitLayer::new(config.limits.max_body_bytes))
         // Limits are the last refusal: only requests that will be forwarded count.
         .layer(RateLimitLayer::new(parts.limiters))
-        // Connection-level headers go before the key is set, so that a caller's
-        // `Connection: authorization` cannot take the key off again.
-        .map_request(strip_hop_by_hop)
         // The key goes on last, after the caller's credentials are stripped.
         .layer(InjectApiKeyLayer::new(parts.key))
         .service(Forward::new(

@@ -1,5 +1,7 @@
 //! Logs via tracing, to stderr: JSON lines for log shippers, or pretty text for people.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{Log, LogFormat};
@@ -18,6 +20,10 @@ pub fn init(log: &Log) {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Pretty => builder.with_target(false).try_init(),
+        // Colours only for a person at a terminal, not for a file or a log shipper.
+        LogFormat::Pretty => builder
+            .with_target(false)
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
     };
 }

@@ -168,7 +168,8 @@ impl Shared {
         let (mut parts, body) = request.into_parts();
         let Some(route) = parts.extensions.get::<Route>().copied() else {
             // Only the route layer lets requests through, and it always says which route.
-            return error::not_found();
+            tracing::error!("a request reached the upstream without a route");
+            return error::internal_error();
         };
         let body = match tokio::time::timeout(
             self.body_read_timeout,

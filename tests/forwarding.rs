@@ -92,6 +92,8 @@ async fn connection_header_cannot_remove_the_key() {
     assert_eq!(response.status(), 200);
     let seen = &h.upstream.received()[0].headers;
     assert_eq!(seen["authorization"], format!("Key {API_KEY}"));
+    let sent_id = seen.get("x-request-id").expect("a request id upstream");
+    assert_eq!(sent_id, &response.headers()["x-request-id"]);
     h.shutdown().await;
 }
 

@@ -402,6 +402,39 @@ async fn sigterm_right_after_start_is_a_clean_stop() {
 }
 
 #[tokio::test]
+async fn pretty_log_format_is_text_and_log_level_is_obeyed() {
+    let (dir, ca, upstream) = stand_in().await;
+    let config = served_config(
+        dir.path(),
+        &ca,
+        &upstream,
+        "[log]\nformat = \"pretty\"\nlevel = \"info\"\n",
+    );
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", &config])
+        .env_remove("RUST_LOG")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
+    let listening = lines.find(|l| l.contains("listening"));
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a pid we spawned and have not waited for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let rest: Vec<String> = lines.collect();
+    assert!(child.wait().unwrap().success());
+    let listening = listening.expect("no listening line");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&listening).is_err(),
+        "{listening}"
+    );
+    assert!(listening.contains("INFO"), "{listening}");
+    // `info` hides the per-request debug spans that RUST_LOG=trace shows elsewhere.
+    assert!(rest.iter().all(|l| !l.contains("DEBUG")), "{rest:?}");
+}
+
+#[tokio::test]
 async fn sigint_stops_it_cleanly_too() {
     let (dir, ca, upstream) = stand_in().await;
     let config = served_config(dir.path(), &ca, &upstream, "[log]\nformat = \"json\"\n");

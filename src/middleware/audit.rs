@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -108,18 +109,23 @@ where
         let log = self.log.clone();
         let cancel = self.tasks.cancel.clone();
         let task = self.tasks.tracker.spawn(async move {
+            // A panic is a bug, but the request it cut short is still audited and answered.
+            let work = std::panic::AssertUnwindSafe(work).catch_unwind();
             let response = tokio::select! {
-                result = work => {
-                    let Ok(response) = result;
-                    response
-                }
+                result = work => match result {
+                    Ok(Ok(response)) => response,
+                    Err(_) => {
+                        tracing::error!(path = %seen.path, "a request handler panicked");
+                        error::internal_error()
+                    }
+                },
                 () = cancel.cancelled() => error::shutting_down(),
             };
             write_record(seen, response, &log).await
         });
         Box::pin(async move {
             Ok(task.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "request task failed");
+                tracing::error!(error = %e, "the audit step of a request failed");
                 error::internal_error()
             }))
         })
@@ -207,5 +213,29 @@ mod tests {
         assert!(record["duration_ms"].as_f64().unwrap() >= 0.0);
         assert!(record["ts"].as_str().unwrap().ends_with('Z'));
         log.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_panicking_request_is_answered_500_and_still_audited() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        let inner = tower::service_fn(|_: Request<Body>| async {
+            if true {
+                panic!("a bug");
+            }
+            Ok::<_, Infallible>(Response::new(Body::default()))
+        });
+        let service = AuditLayer::new(log.clone(), RequestTasks::default()).layer(inner);
+        let response = service
+            .oneshot(Request::new(Body::default()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        log.close().await;
+        let line = std::fs::read_to_string(&path).unwrap();
+        let record: serde_json::Value = serde_json::from_str(line.trim_end()).unwrap();
+        assert_eq!(record["status"], 500);
+        assert_eq!(record["outcome"], "aborted");
     }
 }

@@ -2,27 +2,33 @@
 //! hammering one warehouse), each a GCRA limiter from governor.
 //!
 //! Limits are checked in `call` and a refusal is an immediate 429; nothing waits in
-//! `poll_ready`, so one throttled caller never holds up another. The most specific limit is
-//! checked first, so that a caller refused by its own limit does not use up the global quota that
-//! everyone shares. The other way round, a request refused by a later limit has used a token of
-//! the earlier ones: governor cannot look without taking, and an attempt is an attempt.
-//! `Retry-After` is the time until the refusing limit would admit the request.
+//! `poll_ready`, so one throttled caller never holds up another. The caller's own limit comes
+//! first, so that a caller refused by it does not use up the global quota everyone shares; the
+//! data source's comes last, so that ids sprayed past the other limits never get a cell. A
+//! request refused by a later limit has used a token of the earlier ones: governor cannot look
+//! without taking, and an attempt is an attempt. `Retry-After` is the time until the refusing
+//! limit would admit the request.
 //!
 //! Keyed limiters hold one small cell per caller or data source seen recently. A background
-//! sweep ([`Limiters::sweep`]) drops the cells that have refilled, and `rate_limit.max_tracked_keys`
-//! caps them outright: a caller spraying distinct data source ids cannot grow memory past it. At
-//! the cap, requests needing a new cell are refused (fail closed) until a sweep frees room.
+//! sweep every [`SWEEP_EVERY`] drops the cells that have refilled, and
+//! `rate_limit.max_tracked_keys` caps them (give or take [`SIZE_CHECK_EVERY`]): at the cap, keys
+//! already tracked are limited as usual and new ones are refused (fail closed) until a sweep
+//! makes room.
 
 use std::convert::Infallible;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use dashmap::DashMap;
 use futures_util::future::Either;
-use governor::clock::Clock;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+use governor::clock::{Clock, DefaultClock};
+use governor::nanos::Nanos;
+use governor::state::keyed::ShrinkableKeyedStateStore;
+use governor::state::{InMemoryState, StateStore};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use http::{Request, Response};
 use tower::{Layer, Service};
 
@@ -32,6 +38,9 @@ use super::{refuse, Refuse};
 use crate::audit::Limit;
 use crate::config::{RateLimit, RateLimits};
 use crate::{error, Body};
+
+/// How often keyed limiters forget the keys that have refilled.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The configured limiters; one set shared by every connection.
 pub struct Limiters {
@@ -97,17 +106,18 @@ impl Limiters {
                 .check(&caller.0)
                 .map_err(|wait| (Limit::Caller, wait))?;
         }
+        if let Some(limiter) = &self.global {
+            limiter
+                .check()
+                .map_err(|until| (Limit::Global, wait(until, limiter.clock())))?;
+        }
+        // Last, so that ids sprayed past the other limits never get a cell.
         if let (Some(limiter), Some(Route::TestConnection { data_source_id })) =
             (&self.per_data_source, route)
         {
             limiter
                 .check(data_source_id)
                 .map_err(|wait| (Limit::DataSource, wait))?;
-        }
-        if let Some(limiter) = &self.global {
-            limiter
-                .check()
-                .map_err(|until| (Limit::Global, wait(until, limiter.clock())))?;
         }
         Ok(())
     }
@@ -125,22 +135,23 @@ impl Limiters {
     /// Keys currently tracked by the per-caller and per-data-source limiters.
     pub fn tracked_keys(&self) -> (usize, usize) {
         (
-            self.per_caller.as_ref().map_or(0, |l| l.limiter.len()),
-            self.per_data_source.as_ref().map_or(0, |l| l.limiter.len()),
+            self.per_caller.as_ref().map_or(0, |l| l.cells.len()),
+            self.per_data_source.as_ref().map_or(0, |l| l.cells.len()),
         )
     }
 
-    /// Sweeps every `period` for as long as the limiters are in use.
-    pub async fn sweep_every(limiters: Weak<Self>, period: Duration) {
-        let mut ticks = tokio::time::interval(period);
+    /// Sweeps every [`SWEEP_EVERY`] for as long as the limiters are in use, on a blocking
+    /// thread: a sweep walks every key.
+    pub async fn sweep_every(limiters: Weak<Self>) {
+        let mut ticks = tokio::time::interval(SWEEP_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
         loop {
             ticks.tick().await;
-            match limiters.upgrade() {
-                Some(limiters) => limiters.sweep(),
-                None => return,
-            }
+            let Some(limiters) = limiters.upgrade() else {
+                return;
+            };
+            let _ = tokio::task::spawn_blocking(move || limiters.sweep()).await;
         }
     }
 }
@@ -148,77 +159,88 @@ impl Limiters {
 /// How many checks may pass between two looks at a keyed limiter's size: counting its keys
 /// takes every shard's lock, too dear for every request. The cap may be overshot by this many.
 const SIZE_CHECK_EVERY: u64 = 256;
-/// While at the cap, a sweep to make room runs at most this often: it walks every key.
-const FORCED_SWEEP_EVERY: Duration = Duration::from_secs(1);
 
-/// A keyed limiter whose number of keys is capped.
+/// The cells of a keyed limiter, shared with [`Bounded`] so that it can ask whether a key is
+/// tracked without touching its limit.
+struct SharedCells<K: Hash + Eq>(Arc<DashMap<K, InMemoryState>>);
+
+impl<K: Hash + Eq + Clone> StateStore for SharedCells<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        StateStore::measure_and_replace(&*self.0, key, f)
+    }
+}
+
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for SharedCells<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.0.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A keyed limiter whose number of keys is capped. Keys it already tracks are always checked
+/// as usual; at the cap, a key it does not track is refused until a sweep makes room.
 struct Bounded<K: Hash + Eq + Clone> {
-    limiter: DefaultKeyedRateLimiter<K>,
+    limiter: RateLimiter<K, SharedCells<K>, DefaultClock>,
+    cells: Arc<DashMap<K, InMemoryState>>,
     max_keys: usize,
     checks: AtomicU64,
     full: AtomicBool,
-    created: Instant,
-    /// Milliseconds from `created` to the last sweep forced by the cap.
-    last_forced_sweep_ms: AtomicU64,
 }
 
 impl<K: Hash + Eq + Clone> Bounded<K> {
     fn new(quota: Quota, max_keys: usize) -> Self {
+        let cells = Arc::new(DashMap::new());
         Self {
-            limiter: DefaultKeyedRateLimiter::keyed(quota),
+            limiter: RateLimiter::new(quota, SharedCells(cells.clone()), DefaultClock::default()),
+            cells,
             max_keys,
             checks: AtomicU64::new(0),
             full: AtomicBool::new(false),
-            created: Instant::now(),
-            last_forced_sweep_ms: AtomicU64::new(0),
         }
     }
 
     fn check(&self, key: &K) -> Result<(), Duration> {
-        let nth = self.checks.fetch_add(1, Ordering::Relaxed);
-        if nth % SIZE_CHECK_EVERY == 0 || self.full.load(Ordering::Relaxed) {
-            self.make_room();
+        if self.checks.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0 {
+            self.note_size();
         }
-        if self.full.load(Ordering::Relaxed) {
-            return Err(FORCED_SWEEP_EVERY);
+        if self.full.load(Ordering::Relaxed) && !self.cells.contains_key(key) {
+            return Err(SWEEP_EVERY);
         }
         self.limiter
             .check_key(key)
             .map_err(|until| wait(until, self.limiter.clock()))
     }
 
-    /// At the cap, sweeps (at most once per [`FORCED_SWEEP_EVERY`]) and notes whether there is
-    /// room again.
-    fn make_room(&self) {
-        if self.limiter.len() < self.max_keys {
-            self.full.store(false, Ordering::Relaxed);
-            return;
-        }
-        let now_ms = self.created.elapsed().as_millis() as u64;
-        let last = self.last_forced_sweep_ms.load(Ordering::Relaxed);
-        let due = now_ms.saturating_sub(last) >= FORCED_SWEEP_EVERY.as_millis() as u64 || last == 0;
-        if due
-            && self
-                .last_forced_sweep_ms
-                .compare_exchange(last, now_ms.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.limiter.retain_recent();
-        }
-        let full = self.limiter.len() >= self.max_keys;
-        if full && !self.full.swap(true, Ordering::Relaxed) {
+    fn note_size(&self) {
+        let full = self.cells.len() >= self.max_keys;
+        if full != self.full.swap(full, Ordering::Relaxed) && full {
             tracing::warn!(
                 max_tracked_keys = self.max_keys,
-                "a keyed rate limiter is full; refusing new keys until some refill"
+                "a keyed rate limit is tracking its most keys; new callers or data sources are refused until some refill"
             );
         }
-        self.full.store(full, Ordering::Relaxed);
     }
 
     fn sweep(&self) {
         self.limiter.retain_recent();
         self.limiter.shrink_to_fit();
-        self.make_room();
+        self.note_size();
     }
 }
 
@@ -442,21 +464,19 @@ mod tests {
     }
 
     #[test]
-    fn distinct_keys_past_the_cap_are_refused_not_stored() {
+    fn at_the_cap_new_keys_are_refused_and_tracked_keys_still_served() {
         let limiters = Limiters::new(&RateLimits {
-            per_data_source: limit("1/h", 1),
+            per_data_source: limit("1/s", 3),
             max_tracked_keys: 1000,
             ..Default::default()
         });
+        let start = |id| limiters.check(None, Some(&Route::TestConnection { data_source_id: id }));
         let mut refused = 0;
         for id in 0..20_000 {
-            match limiters.check(None, Some(&Route::TestConnection { data_source_id: id })) {
-                Ok(()) => {}
-                Err((limit, wait)) => {
-                    assert_eq!(limit, Limit::DataSource);
-                    assert!(wait >= Duration::from_secs(1));
-                    refused += 1;
-                }
+            if let Err((limit, wait)) = start(id) {
+                assert_eq!(limit, Limit::DataSource);
+                assert_eq!(wait, SWEEP_EVERY);
+                refused += 1;
             }
         }
         let tracked = limiters.tracked_keys().1;
@@ -464,7 +484,22 @@ mod tests {
             tracked <= 1000 + SIZE_CHECK_EVERY as usize,
             "{tracked} keys"
         );
-        assert!(refused >= 20_000 - tracked, "{refused} refused");
+        assert_eq!(refused, 20_000 - tracked);
+        // Data source 0 got a cell early and has tokens left: it is still served.
+        assert!(start(0).is_ok());
+    }
+
+    #[test]
+    fn ids_refused_by_the_global_limit_get_no_cell() {
+        let limiters = Limiters::new(&RateLimits {
+            global: limit("1/h", 1),
+            per_data_source: limit("1/h", 1),
+            ..Default::default()
+        });
+        for id in 0..1000 {
+            let _ = limiters.check(None, Some(&Route::TestConnection { data_source_id: id }));
+        }
+        assert_eq!(limiters.tracked_keys().1, 1);
     }
 
     #[test]
