@@ -213,14 +213,8 @@ impl UpstreamFailure {
                 if io.kind() == io::ErrorKind::TimedOut {
                     return Self::Timeout;
                 }
-                if io
-                    .get_ref()
-                    .is_some_and(|inner| inner.is::<rustls::Error>())
-                {
-                    return Self::Tls;
-                }
             }
-            cause = e.source();
+            cause = next_cause(e);
         }
         if connect {
             Self::Connect
@@ -262,6 +256,19 @@ impl UpstreamFailure {
     }
 }
 
+/// The next error in the chain. An `io::Error` wrapping another error reports that error's
+/// source as its own, skipping the wrapped error itself (where TLS failures hide), so it is
+/// unwrapped here instead.
+fn next_cause<'a>(error: &'a (dyn StdError + 'static)) -> Option<&'a (dyn StdError + 'static)> {
+    if let Some(inner) = error
+        .downcast_ref::<io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        return Some(inner);
+    }
+    error.source()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +297,14 @@ mod tests {
             serde_json::json!(["path", "job_id"])
         );
         assert_eq!(value["detail"][0]["type"], "int_parsing");
+    }
+
+    #[test]
+    fn tls_failure_is_found_inside_nested_io_errors() {
+        let tls = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+        let inner = io::Error::new(io::ErrorKind::InvalidData, tls);
+        let outer = io::Error::other(inner);
+        assert_eq!(UpstreamFailure::classify(&outer), UpstreamFailure::Tls);
     }
 
     #[test]

@@ -41,7 +41,8 @@ async fn assert_closed_no_sooner_than(stream: &mut TcpStream, at_least: Duration
     );
 }
 
-async fn assert_upstream_error(h: &mut Harness, status: u16, code: &str) {
+/// Asserts the answer to a test start, `detail` naming the kind of failure, and its record.
+async fn assert_upstream_error(h: &mut Harness, status: u16, code: &str, detail: &str) {
     let started = Instant::now();
     let (response, body) = h.post("/api/v1/data_sources/1/test").await;
     assert_eq!(
@@ -51,6 +52,8 @@ async fn assert_upstream_error(h: &mut Harness, status: u16, code: &str) {
         String::from_utf8_lossy(&body)
     );
     assert_eq!(json(&body)["code"], code);
+    let said = json(&body)["detail"].as_str().unwrap().to_owned();
+    assert!(said.contains(detail), "{said}");
     assert!(started.elapsed() < Duration::from_secs(10));
     // The gateway is still serving after the failure.
     let (response, _) = h.get("/api/v1/nothing-here").await;
@@ -68,7 +71,7 @@ async fn upstream_down_is_502() {
     let url = format!("https://{}", closed.local_addr().unwrap());
     drop(closed);
     let mut h = gateway_to(&url, ThrowawayCa::new("ca").unwrap(), |_| {}).await;
-    assert_upstream_error(&mut h, 502, "upstream_unreachable").await;
+    assert_upstream_error(&mut h, 502, "upstream_unreachable", "cannot connect").await;
 }
 
 #[tokio::test]
@@ -90,7 +93,7 @@ async fn upstream_reset_mid_request_is_502() {
         }
     });
     let mut h = gateway_to(&url, ca, |_| {}).await;
-    assert_upstream_error(&mut h, 502, "upstream_unreachable").await;
+    assert_upstream_error(&mut h, 502, "upstream_unreachable", "broke").await;
 }
 
 #[tokio::test]
@@ -104,6 +107,11 @@ async fn untrusted_upstream_certificate_is_502_and_nothing_is_sent() {
     let (response, body) = h.post("/api/v1/data_sources/1/test").await;
     assert_eq!(response.status(), 502);
     assert_eq!(json(&body)["code"], "upstream_unreachable");
+    assert!(
+        json(&body)["detail"].as_str().unwrap().contains("TLS"),
+        "{}",
+        json(&body)
+    );
     assert!(
         impostor.received().is_empty(),
         "the key went to an untrusted host"
