@@ -193,9 +193,12 @@ impl Shared {
 
         let uri = match self.url.join(&route.upstream_path()) {
             Ok(uri) => uri,
-            Err(_) => return error::not_found(),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the upstream URI");
+                return error::internal_error();
+            }
         };
-        // Hop-by-hop headers were stripped before the key was set (see `stack.rs`).
+        // Hop-by-hop headers were stripped at the edge of the stack (see `stack.rs`).
         parts.headers.remove(HOST);
         // The body is already here in full: nothing for the upstream to say "continue" to.
         parts.headers.remove(header::EXPECT);
@@ -221,7 +224,8 @@ impl Shared {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
                 let failure = UpstreamFailure::classify(e.as_ref());
-                tracing::warn!(upstream = %self.url.authority, ?failure, error = %e, "upstream exchange failed");
+                // Debug shows the whole chain of causes; Display only the outermost.
+                tracing::warn!(upstream = %self.url.authority, ?failure, error = ?e, "upstream exchange failed");
                 return failure.response(self.url.authority.as_str());
             }
             Err(_) => {
