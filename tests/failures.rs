@@ -42,6 +42,18 @@ async fn assert_closed_no_sooner_than(stream: &mut TcpStream, at_least: Duration
 }
 
 /// Asserts the answer to a test start, `detail` naming the kind of failure, and its record.
+/// Sends one request that the gateway answers itself and reads the answer, leaving the
+/// connection kept alive.
+async fn complete_one_request(stream: &mut TcpStream) {
+    stream
+        .write_all(b"GET /not-a-route HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = stream.read(&mut answer).await.unwrap();
+    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 404"));
+}
+
 async fn assert_upstream_error(h: &mut Harness, status: u16, code: &str, detail: &str) {
     let started = Instant::now();
     let (response, body) = h.post("/api/v1/data_sources/1/test").await;
@@ -161,13 +173,7 @@ async fn half_sent_request_is_disconnected_after_header_read_timeout() {
 async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
     let mut h = Harness::start(|c| c.limits.idle_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
-    stream
-        .write_all(b"GET /healthz-is-not-here HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = stream.read(&mut answer).await.unwrap();
-    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 404"));
+    complete_one_request(&mut stream).await;
     assert_closed_no_sooner_than(
         &mut stream,
         Duration::from_millis(200),
@@ -281,13 +287,7 @@ async fn body_that_never_arrives_is_answered_408_after_header_read_timeout() {
 async fn half_sent_second_request_on_a_kept_alive_connection_is_disconnected() {
     let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
-    stream
-        .write_all(b"GET /first HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    let mut answer = vec![0u8; 4096];
-    let n = stream.read(&mut answer).await.unwrap();
-    assert!(String::from_utf8_lossy(&answer[..n]).starts_with("HTTP/1.1 404"));
+    complete_one_request(&mut stream).await;
     stream
         .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
         .await

@@ -250,44 +250,48 @@ async fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) ->
     status
 }
 
-/// A folder for config, key and audit, a CA, and a stand-in with a certificate from it.
-async fn stand_in() -> (tempfile::TempDir, ThrowawayCa, StandIn) {
+/// A stand-in upstream and a config file for a gateway in front of it (ephemeral ports, the
+/// key in a file, the audit file beside it), plus `extra` TOML.
+struct Setup {
+    dir: tempfile::TempDir,
+    _ca: ThrowawayCa,
+    upstream: StandIn,
+    config: String,
+}
+
+async fn setup(extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = ThrowawayCa::new("ca").unwrap();
     let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
         .await
         .unwrap();
-    (dir, ca, upstream)
-}
-
-fn served_config(dir: &Path, ca: &ThrowawayCa, upstream: &StandIn, extra: &str) -> String {
-    let config = config_for(dir, ca, &upstream.url());
+    let base = config_for(dir.path(), &ca, &upstream.url());
+    let datafold_gateway::config::ApiKeySource::File(key_file) = base.api_key else {
+        unreachable!("config_for keeps the key in a file");
+    };
     let text = format!(
         "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
          [upstream]\nurl = {:?}\nca_file = {:?}\n\
          [api_key]\nfile = {:?}\n[audit]\nfile = {:?}\n{extra}",
         upstream.url(),
-        config.upstream.ca_file.unwrap(),
-        match config.api_key {
-            datafold_gateway::config::ApiKeySource::File(path) => path,
-            _ => unreachable!(),
-        },
-        config.audit.file,
+        base.upstream.ca_file.unwrap(),
+        key_file,
+        base.audit.file,
     );
-    write_config(dir, &text)
+    let config = write_config(dir.path(), &text);
+    Setup {
+        dir,
+        _ca: ca,
+        upstream,
+        config,
+    }
 }
 
 #[tokio::test]
 async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
-    let (dir, ca, upstream) = stand_in().await;
-    let config = served_config(
-        dir.path(),
-        &ca,
-        &upstream,
-        "[rate_limit.global]\nrate = \"1/h\"\nburst = 3\n",
-    );
+    let setup = setup("[rate_limit.global]\nrate = \"1/h\"\nburst = 3\n").await;
     // Everything every crate will say, in both formats' worth of detail.
-    let served = Served::start(&config, &[("RUST_LOG", "trace")]);
+    let served = Served::start(&setup.config, &[("RUST_LOG", "trace")]);
     let bearer = format!("Bearer {CALLER_SECRET}");
     let credentials = [
         ("authorization", bearer.as_str()),
@@ -360,32 +364,26 @@ async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
         !log.contains(CALLER_SECRET),
         "a caller credential is in the log"
     );
-    let audit = std::fs::read_to_string(dir.path().join("audit.jsonl")).unwrap();
+    let audit = std::fs::read_to_string(setup.dir.path().join("audit.jsonl")).unwrap();
     assert_eq!(audit.lines().count(), 6);
     assert!(!audit.contains(API_KEY) && !audit.contains(CALLER_SECRET));
 }
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
-    let (dir, ca, upstream) = stand_in().await;
-    upstream.set_delay(Duration::from_millis(1500));
-    let config = served_config(
-        dir.path(),
-        &ca,
-        &upstream,
-        "[limits]\nshutdown_grace = \"20s\"\n",
-    );
-    let served = Served::start(&config, &[]);
+    let setup = setup("[limits]\nshutdown_grace = \"20s\"\n").await;
+    setup.upstream.set_delay(Duration::from_millis(1500));
+    let served = Served::start(&setup.config, &[]);
     let addr = served.addr.clone();
     let in_flight =
         tokio::spawn(async move { send(&addr, "POST", "/api/v1/data_sources/7/test", &[]).await });
     // SIGTERM only once the request is in flight: it has reached the upstream.
-    wait_for_upstream(&upstream).await;
+    wait_for_upstream(&setup.upstream).await;
     served.terminate();
     assert_eq!(in_flight.await.unwrap(), 200);
     let (status, log) = served.wait();
     assert!(status.success(), "exit {status}; log:\n{log}");
-    let audit = read_audit(&dir.path().join("audit.jsonl"));
+    let audit = read_audit(&setup.dir.path().join("audit.jsonl"));
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0]["status"], 200);
     assert_eq!(audit[0]["data_source_id"], 7);
@@ -393,9 +391,8 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
 
 #[tokio::test]
 async fn sigterm_right_after_start_is_a_clean_stop() {
-    let (dir, ca, upstream) = stand_in().await;
-    let config = served_config(dir.path(), &ca, &upstream, "");
-    let served = Served::start(&config, &[]);
+    let setup = setup("").await;
+    let served = Served::start(&setup.config, &[]);
     served.terminate();
     let (status, log) = served.wait();
     assert!(status.success(), "exit {status}; log:\n{log}");
@@ -403,15 +400,9 @@ async fn sigterm_right_after_start_is_a_clean_stop() {
 
 #[tokio::test]
 async fn pretty_log_format_is_text_and_log_level_is_obeyed() {
-    let (dir, ca, upstream) = stand_in().await;
-    let config = served_config(
-        dir.path(),
-        &ca,
-        &upstream,
-        "[log]\nformat = \"pretty\"\nlevel = \"info\"\n",
-    );
+    let setup = setup("[log]\nformat = \"pretty\"\nlevel = \"info\"\n").await;
     let mut child = Command::new(BIN)
-        .args(["serve", "--config", &config])
+        .args(["serve", "--config", &setup.config])
         .env_remove("RUST_LOG")
         .stderr(Stdio::piped())
         .spawn()
@@ -436,9 +427,8 @@ async fn pretty_log_format_is_text_and_log_level_is_obeyed() {
 
 #[tokio::test]
 async fn sigint_stops_it_cleanly_too() {
-    let (dir, ca, upstream) = stand_in().await;
-    let config = served_config(dir.path(), &ca, &upstream, "[log]\nformat = \"json\"\n");
-    let served = Served::start(&config, &[]);
+    let setup = setup("[log]\nformat = \"json\"\n").await;
+    let served = Served::start(&setup.config, &[]);
     assert_eq!(
         send(&served.addr, "POST", "/api/v1/data_sources/1/test", &[]).await,
         200
@@ -447,7 +437,7 @@ async fn sigint_stops_it_cleanly_too() {
     let (status, log) = served.wait();
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(log.contains("\"stopped\""), "{log}");
-    assert_eq!(read_audit(&dir.path().join("audit.jsonl")).len(), 1);
+    assert_eq!(read_audit(&setup.dir.path().join("audit.jsonl")).len(), 1);
 }
 
 #[test]
