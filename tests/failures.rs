@@ -42,6 +42,18 @@ async fn assert_closed_no_sooner_than(stream: &mut TcpStream, at_least: Duration
 }
 
 /// Asserts the answer to a test start, `detail` naming the kind of failure, and its record.
+/// Sends the start of a request head and never the rest: the gateway (whose
+/// `header_read_timeout` is 300 ms) must close the connection without forwarding anything.
+async fn assert_half_sent_head_is_dropped(h: &mut Harness, mut stream: TcpStream, what: &str) {
+    stream
+        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
+        .await
+        .unwrap();
+    assert_closed_no_sooner_than(&mut stream, Duration::from_millis(250), what).await;
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+}
+
 /// Sends one request that the gateway answers itself and reads the answer, leaving the
 /// connection kept alive.
 async fn complete_one_request(stream: &mut TcpStream) {
@@ -153,20 +165,9 @@ async fn slow_upstream_is_504_after_upstream_timeout() {
 #[tokio::test]
 async fn half_sent_request_is_disconnected_after_header_read_timeout() {
     let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
-    let mut stream = TcpStream::connect(h.addr).await.unwrap();
-    stream
-        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
-        .await
-        .unwrap();
-    // A bound on the test, far above the configured timeout: the gateway must close first.
-    assert_closed_no_sooner_than(
-        &mut stream,
-        Duration::from_millis(250),
-        "the gateway kept a half-sent request open",
-    )
-    .await;
-    assert!(h.upstream.received().is_empty());
-    h.shutdown().await;
+    let stream = TcpStream::connect(h.addr).await.unwrap();
+    assert_half_sent_head_is_dropped(&mut h, stream, "the gateway kept a half-sent request open")
+        .await;
 }
 
 #[tokio::test]
@@ -288,18 +289,12 @@ async fn half_sent_second_request_on_a_kept_alive_connection_is_disconnected() {
     let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     complete_one_request(&mut stream).await;
-    stream
-        .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\nx-slow: ")
-        .await
-        .unwrap();
-    assert_closed_no_sooner_than(
-        &mut stream,
-        Duration::from_millis(250),
+    assert_half_sent_head_is_dropped(
+        &mut h,
+        stream,
         "the gateway kept a half-sent second request open",
     )
     .await;
-    assert!(h.upstream.received().is_empty());
-    h.shutdown().await;
 }
 
 #[tokio::test]

@@ -297,60 +297,20 @@ async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
         ("authorization", bearer.as_str()),
         ("cookie", CALLER_SECRET),
     ];
-    assert_eq!(
-        send(
-            &served.addr,
-            "POST",
-            "/api/v1/data_sources/1/test",
-            &credentials
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        send(
-            &served.addr,
-            "GET",
-            "/api/v1/data_sources/test/1001",
-            &credentials
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        send(&served.addr, "GET", "/api/v1/data_sources", &credentials).await,
-        404
-    );
-    assert_eq!(
-        send(
-            &served.addr,
-            "POST",
-            "/api/v1/data_sources/x/test",
-            &credentials
-        )
-        .await,
-        422
-    );
-    assert_eq!(
-        send(
-            &served.addr,
-            "POST",
-            "/api/v1/data_sources/2/test",
-            &credentials
-        )
-        .await,
-        200
-    );
-    assert_eq!(
-        send(
-            &served.addr,
-            "POST",
-            "/api/v1/data_sources/3/test",
-            &credentials
-        )
-        .await,
-        429
-    );
+    for (method, path, status) in [
+        ("POST", "/api/v1/data_sources/1/test", 200),
+        ("GET", "/api/v1/data_sources/test/1001", 200),
+        ("GET", "/api/v1/data_sources", 404),
+        ("POST", "/api/v1/data_sources/x/test", 422),
+        ("POST", "/api/v1/data_sources/2/test", 200),
+        ("POST", "/api/v1/data_sources/3/test", 429),
+    ] {
+        assert_eq!(
+            send(&served.addr, method, path, &credentials).await,
+            status,
+            "{method} {path}"
+        );
+    }
     served.terminate();
     let (status, log) = served.wait();
     assert!(status.success(), "{status}");
