@@ -38,8 +38,6 @@ pub struct ThrowawayCa {
 pub struct Issued {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
-    pub cert_pem: String,
-    pub key_pem: String,
 }
 
 impl ThrowawayCa {
@@ -78,8 +76,6 @@ impl ThrowawayCa {
         Ok(Issued {
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
         })
     }
 

@@ -14,6 +14,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
@@ -71,7 +72,7 @@ struct Seen {
     ts: SystemTime,
     started: Instant,
     request_id: Option<String>,
-    peer: Option<String>,
+    peer: Option<Arc<str>>,
     method: http::Method,
     path: String,
 }
@@ -101,7 +102,7 @@ where
             peer: request
                 .extensions()
                 .get::<Peer>()
-                .map(|p| p.addr.to_string()),
+                .map(|p| p.addr_text.clone()),
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
         };
@@ -142,7 +143,7 @@ async fn write_record(seen: Seen, mut response: Response<Body>, log: &AuditLog) 
         ts: humantime::format_rfc3339_micros(seen.ts).to_string(),
         request_id: seen.request_id.as_deref(),
         caller: facts.caller.as_deref(),
-        peer: seen.peer,
+        peer: seen.peer.as_deref(),
         method: seen.method.as_str(),
         path: &seen.path,
         route: facts.route,

@@ -22,6 +22,8 @@ use crate::Body;
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// The address and port as text, made once per connection for the audit records.
+    pub addr_text: Arc<str>,
     /// The IP address as text, made once per connection.
     pub ip: Arc<str>,
 }
@@ -30,6 +32,7 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
         Self {
             addr,
+            addr_text: addr.to_string().into(),
             ip: addr.ip().to_string().into(),
         }
     }
