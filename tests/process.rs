@@ -232,6 +232,8 @@ impl Drop for Served {
     }
 }
 
+/// Sends a request and returns its status, checking that no answer, gateway-made errors
+/// included, carries the key or a caller's credential in its headers or body.
 async fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
@@ -246,7 +248,17 @@ async fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) ->
         .await
         .unwrap();
     let status = response.status().as_u16();
-    let _ = response.into_body().collect().await;
+    let head = format!("{:?}", response.headers());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let answer = format!("{head}{}", String::from_utf8_lossy(&body));
+    assert!(
+        !answer.contains(API_KEY),
+        "the key is in an answer: {answer}"
+    );
+    assert!(
+        !answer.contains(CALLER_SECRET),
+        "a credential is in an answer: {answer}"
+    );
     status
 }
 
