@@ -49,6 +49,26 @@ pub struct AuditFacts {
     pub outcome: Option<Outcome>,
     pub limit: Option<Limit>,
     pub upstream_status: Option<u16>,
+    /// A result poll's job status, as Datafold answered it (`done`, `failed`, ...).
+    pub test_status: Option<Box<str>>,
+    /// A result poll's per-step statuses.
+    pub test_steps: Option<TestSteps>,
+}
+
+/// The status of each step of a connection test, in Datafold's order; audited as an object,
+/// `{"connection": "done", "temp_schema": "failed"}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TestSteps(pub Vec<(Box<str>, Box<str>)>);
+
+impl Serialize for TestSteps {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (step, status) in &self.0 {
+            map.serialize_entry(step, status)?;
+        }
+        map.end()
+    }
 }
 
 impl AuditFacts {
@@ -76,6 +96,8 @@ pub struct Record<'a> {
     pub outcome: Outcome,
     pub limit: Option<Limit>,
     pub upstream_status: Option<u16>,
+    pub test_status: Option<&'a str>,
+    pub test_steps: Option<&'a TestSteps>,
     pub duration_ms: f64,
 }
 
@@ -233,6 +255,8 @@ mod tests {
             outcome: Outcome::Forwarded,
             limit: None,
             upstream_status: Some(status),
+            test_status: None,
+            test_steps: None,
             duration_ms: 1.5,
         }
     }

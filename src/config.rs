@@ -35,12 +35,24 @@ pub struct Config {
 pub struct Listen {
     /// Where callers connect. Loopback by default: the sidecar case.
     pub addr: SocketAddr,
+    /// Certificate chain (PEM) for TLS on the listener; with `tls_key`. Plain HTTP without it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that callers' client certificates must chain to; `mtls` mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Default for Listen {
     fn default() -> Self {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls_cert: None,
+            tls_key: None,
+            client_ca: None,
         }
     }
 }
@@ -198,10 +210,33 @@ impl<'de> Deserialize<'de> for ApiKeySource {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Callers {
     pub mode: CallerMode,
+    /// The callers of `token` mode, each known by the SHA-256 digest of its token.
+    #[serde(rename = "token", skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenCaller>,
+    /// `mtls` mode: the certificate identities let through; any other gets 403. All if unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<String>>,
+    /// Let every authenticated caller read every job's result, not only its own.
+    pub share_results: bool,
+    /// Most jobs remembered (with their caller and data source) for result polls; the oldest
+    /// are forgotten first.
+    pub max_tracked_jobs: usize,
+}
+
+impl Default for Callers {
+    fn default() -> Self {
+        Self {
+            mode: CallerMode::Open,
+            tokens: Vec::new(),
+            allow: None,
+            share_results: false,
+            max_tracked_jobs: 100_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +245,91 @@ pub enum CallerMode {
     /// Anyone who can reach the listener; identity is the peer IP address.
     #[default]
     Open,
+    /// `Authorization: Bearer <token>`; identity is the name of the token's entry.
+    Token,
+    /// A client certificate from `listen.client_ca`; identity is its first DNS name, else its CN.
+    Mtls,
+}
+
+impl CallerMode {
+    /// Whether callers prove who they are (and so may own jobs).
+    pub fn is_authenticated(self) -> bool {
+        !matches!(self, Self::Open)
+    }
+}
+
+/// One `[[callers.token]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCaller {
+    /// The caller's name in the audit trail, rate limits and metrics.
+    pub name: String,
+    /// SHA-256 of the token, hex (`datafold-gateway hash-token` prints it).
+    pub sha256: TokenDigest,
+    /// Overrides `rate_limit.per_caller.rate` for this caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Overrides `rate_limit.per_caller.burst` for this caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<NonZeroU32>,
+}
+
+/// The SHA-256 digest of a caller token.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TokenDigest(pub [u8; 32]);
+
+impl TokenDigest {
+    /// The digest of `token`.
+    pub fn of(token: &[u8]) -> Self {
+        let digest = ring::digest::digest(&ring::digest::SHA256, token);
+        let mut bytes = [0; 32];
+        bytes.copy_from_slice(digest.as_ref());
+        Self(bytes)
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+/// Only the digest is printed, never a token; it is what the config file holds anyway.
+impl fmt::Debug for TokenDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl FromStr for TokenDigest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "`{s}` is not a SHA-256 digest: write 64 hex characters (datafold-gateway hash-token prints one)"
+            )
+        };
+        if s.len() != 64 || !s.is_ascii() {
+            return Err(bad());
+        }
+        let mut bytes = [0; 32];
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+        }
+        Ok(Self(bytes))
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenDigest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for TokenDigest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -375,6 +495,7 @@ impl Default for Limits {
 const MAX_BODY_BYTES: usize = 1 << 30;
 const MAX_CONCURRENT_REQUESTS: usize = 1_000_000;
 const MAX_TRACKED_KEYS: usize = 100_000_000;
+const MAX_TRACKED_JOBS: usize = 100_000_000;
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// A configuration problem, naming the file and, where there is one, the key at fault.
@@ -454,6 +575,11 @@ impl Config {
                 self.rate_limit.max_tracked_keys,
                 MAX_TRACKED_KEYS,
             ),
+            (
+                "callers.max_tracked_jobs",
+                self.callers.max_tracked_jobs,
+                MAX_TRACKED_JOBS,
+            ),
         ] {
             if !(1..=max).contains(&value) {
                 return Err(fail(key, format!("must be between 1 and {max}")));
@@ -490,6 +616,8 @@ impl Config {
                 ),
             ));
         }
+        self.validate_listener_tls(&fail)?;
+        self.validate_callers(&fail)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             fail(
                 "log.level",
@@ -497,6 +625,135 @@ impl Config {
             )
         })?;
         Ok(())
+    }
+}
+
+impl Config {
+    fn validate_listener_tls(
+        &self,
+        fail: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let listen = &self.listen;
+        match (&listen.tls_cert, &listen.tls_key) {
+            (Some(_), None) => {
+                return Err(fail(
+                    "listen.tls_key",
+                    "listen.tls_cert is set without its private key; set listen.tls_key too".into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(fail(
+                    "listen.tls_cert",
+                    "listen.tls_key is set without its certificate; set listen.tls_cert too".into(),
+                ))
+            }
+            _ => {}
+        }
+        let mtls = self.callers.mode == CallerMode::Mtls;
+        if mtls && (listen.tls_cert.is_none() || listen.client_ca.is_none()) {
+            return Err(fail(
+                "callers.mode",
+                "mode = \"mtls\" needs TLS on the listener: set listen.tls_cert, listen.tls_key and listen.client_ca".into(),
+            ));
+        }
+        if !mtls && listen.client_ca.is_some() {
+            return Err(fail(
+                "listen.client_ca",
+                "client certificates are only checked with callers.mode = \"mtls\"; remove listen.client_ca or change the mode".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_callers(
+        &self,
+        fail: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let callers = &self.callers;
+        if callers.mode != CallerMode::Token && !callers.tokens.is_empty() {
+            return Err(fail(
+                "callers.token",
+                format!(
+                    "token entries are only used with mode = \"token\" (the mode is {:?})",
+                    callers.mode
+                ),
+            ));
+        }
+        if callers.mode == CallerMode::Token && callers.tokens.is_empty() {
+            return Err(fail(
+                "callers.token",
+                "mode = \"token\" needs at least one [[callers.token]] entry (name, sha256)".into(),
+            ));
+        }
+        if callers.mode != CallerMode::Mtls && callers.allow.is_some() {
+            return Err(fail(
+                "callers.allow",
+                "allow lists certificate identities and only applies with mode = \"mtls\"".into(),
+            ));
+        }
+        let mut names = std::collections::HashMap::new();
+        let mut digests = std::collections::HashMap::new();
+        for (i, entry) in callers.tokens.iter().enumerate() {
+            let key = format!("callers.token[{i}]");
+            let name = entry.name.trim();
+            if name.is_empty() || name != entry.name || name.chars().any(char::is_control) {
+                return Err(fail(
+                    &format!("{key}.name"),
+                    format!(
+                        "`{}` is not a caller name: use non-empty text without surrounding spaces",
+                        entry.name.escape_debug()
+                    ),
+                ));
+            }
+            if let Some(first) = names.insert(name, i) {
+                return Err(fail(
+                    &format!("{key}.name"),
+                    format!("`{name}` is also the name of callers.token[{first}]"),
+                ));
+            }
+            if let Some(first) = digests.insert(entry.sha256, i) {
+                return Err(fail(
+                    &format!("{key}.sha256"),
+                    format!(
+                        "caller `{name}` has the same token digest as callers.token[{first}] (`{}`); each caller needs its own token",
+                        callers.tokens[first].name
+                    ),
+                ));
+            }
+            let overrides = entry.rate.is_some() || entry.burst.is_some();
+            let complete = entry.rate.is_some() && entry.burst.is_some();
+            if overrides && !complete && self.rate_limit.per_caller.is_none() {
+                return Err(fail(
+                    &key,
+                    format!(
+                        "caller `{name}` sets only one of rate and burst, and there is no [rate_limit.per_caller] to take the other from; set both"
+                    ),
+                ));
+            }
+        }
+        if let Some(allow) = &callers.allow {
+            if allow.is_empty() {
+                return Err(fail(
+                    "callers.allow",
+                    "an empty allow list would refuse every caller; remove it to allow every certificate from listen.client_ca".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The limit for one token caller: its own `rate`/`burst`, the rest from `per_caller`.
+    pub fn token_caller_limit(&self, entry: &TokenCaller) -> Option<RateLimit> {
+        let base = self.rate_limit.per_caller;
+        match (entry.rate, entry.burst, base) {
+            (None, None, _) => None,
+            (Some(rate), Some(burst), _) => Some(RateLimit { rate, burst }),
+            (rate, burst, Some(base)) => Some(RateLimit {
+                rate: rate.unwrap_or(base.rate),
+                burst: burst.unwrap_or(base.burst),
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -590,6 +847,88 @@ mod tests {
         assert!(err.contains("limits.idle_timeout"), "{err}");
         let err = parse("[rate_limit]\nmax_tracked_keys = 0\n").unwrap_err();
         assert!(err.contains("rate_limit.max_tracked_keys"), "{err}");
+    }
+
+    const DIGEST_A: &str = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+    const DIGEST_B: &str = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+
+    fn token_config(entries: &[(&str, &str)]) -> String {
+        let mut text = "[callers]\nmode = \"token\"\n".to_owned();
+        for (name, digest) in entries {
+            text.push_str(&format!(
+                "[[callers.token]]\nname = \"{name}\"\nsha256 = \"{digest}\"\n"
+            ));
+        }
+        text
+    }
+
+    #[test]
+    fn token_entries_parse_with_their_overrides() {
+        let text = token_config(&[("analytics", DIGEST_A)]) + "rate = \"120/min\"\nburst = 20\n";
+        let config = parse(&text).unwrap();
+        let entry = &config.callers.tokens[0];
+        assert_eq!(entry.sha256, TokenDigest::of(b"abc"));
+        let limit = config.token_caller_limit(entry).unwrap();
+        assert_eq!(format!("{:?}", limit.rate), "120/min");
+        assert_eq!(limit.burst.get(), 20);
+    }
+
+    #[test]
+    fn duplicate_token_names_and_digests_name_both_entries() {
+        let err = parse(&token_config(&[("a", DIGEST_A), ("a", DIGEST_B)])).unwrap_err();
+        assert!(err.contains("callers.token[1].name"), "{err}");
+        assert!(err.contains("callers.token[0]"), "{err}");
+        let err = parse(&token_config(&[("a", DIGEST_A), ("b", DIGEST_A)])).unwrap_err();
+        assert!(err.contains("callers.token[1].sha256"), "{err}");
+        assert!(err.contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn bad_digest_hex_is_named_with_its_entry() {
+        for bad in ["abc", &DIGEST_A.replace('a', "g"), &format!("{DIGEST_A}00")] {
+            let err = parse(&token_config(&[("a", bad)])).unwrap_err();
+            assert!(err.contains("callers.token[0].sha256"), "{err}");
+            assert!(err.contains("hash-token"), "{err}");
+        }
+    }
+
+    #[test]
+    fn caller_modes_need_their_settings() {
+        let err = parse("[callers]\nmode = \"token\"\n").unwrap_err();
+        assert!(err.contains("callers.token"), "{err}");
+        let err = parse("[callers]\nmode = \"mtls\"\n").unwrap_err();
+        assert!(err.contains("client_ca"), "{err}");
+        let err = parse(
+            "[listen]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n[callers]\nmode = \"mtls\"\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("listen.client_ca"), "{err}");
+        let err = parse("[listen]\ntls_cert = \"c.pem\"\n").unwrap_err();
+        assert!(err.contains("listen.tls_key"), "{err}");
+        let err = parse("[listen]\nclient_ca = \"ca.pem\"\n").unwrap_err();
+        assert!(err.contains("listen.client_ca"), "{err}");
+        let err = parse("[callers]\nallow = [\"a\"]\n").unwrap_err();
+        assert!(err.contains("callers.allow"), "{err}");
+        let ok = parse(
+            "[listen]\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\nclient_ca = \"ca.pem\"\n[callers]\nmode = \"mtls\"\nallow = [\"analytics\"]\n",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    #[test]
+    fn a_half_override_needs_per_caller_to_complete_it() {
+        let text = token_config(&[("a", DIGEST_A)]) + "burst = 5\n";
+        let err = parse(&text).unwrap_err();
+        assert!(err.contains("callers.token[0]"), "{err}");
+        let text = "[rate_limit.per_caller]\nrate = \"10/min\"\nburst = 2\n".to_owned() + &text;
+        let config = parse(&text).unwrap();
+        let limit = config
+            .token_caller_limit(&config.callers.tokens[0])
+            .unwrap();
+        assert_eq!(
+            (format!("{:?}", limit.rate).as_str(), limit.burst.get()),
+            ("10/min", 5)
+        );
     }
 
     #[test]

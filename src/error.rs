@@ -10,7 +10,7 @@ use std::io;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
@@ -22,6 +22,8 @@ use crate::Body;
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     BadRequest,
+    Unauthorized,
+    Forbidden,
     RequestTimeout,
     NotFound,
     MethodNotAllowed,
@@ -117,6 +119,24 @@ pub fn shutting_down() -> Response<Body> {
         .extensions_mut()
         .insert(AuditFacts::outcome(Outcome::Aborted));
     response
+}
+
+/// 401 for a caller without known credentials; `WWW-Authenticate` names the scheme to use.
+pub fn unauthorized(detail: &str) -> Response<Body> {
+    let mut response = error_response(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, detail);
+    response
+        .headers_mut()
+        .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
+}
+
+/// 403 for an authenticated caller that `callers.allow` leaves out.
+pub fn forbidden() -> Response<Body> {
+    error_response(
+        StatusCode::FORBIDDEN,
+        ErrorCode::Forbidden,
+        "this client certificate's identity is not in the gateway's callers.allow list",
+    )
 }
 
 /// A bug: something in the gateway failed. Never expected; logged where it happens.

@@ -15,6 +15,8 @@ pub mod server;
 pub mod stack;
 pub mod standin;
 pub mod telemetry;
+pub mod tls;
+pub mod tokens;
 pub mod upstream;
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafold_gateway::config::Config;
-use datafold_gateway::{demo, server, telemetry};
+use datafold_gateway::{demo, server, telemetry, tokens};
 
 #[derive(Parser)]
 #[command(
@@ -34,6 +34,13 @@ enum Command {
     Serve(ConfigArg),
     /// Check a configuration (including that the key loads) and print it, key redacted.
     CheckConfig(ConfigArg),
+    /// Print the `sha256 = "..."` line of a caller token for `[[callers.token]]`. Reads the
+    /// token from stdin (one line), or makes a new random one with --generate.
+    HashToken {
+        /// Generate a strong random token and print it along with its digest.
+        #[arg(long)]
+        generate: bool,
+    },
     /// Try the gateway against a local stand-in for Datafold, then exit.
     Demo {
         /// Keep the gateway and the stand-in running until Ctrl-C.
@@ -57,6 +64,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args.config)),
         Command::CheckConfig(args) => check_config(args.config),
+        Command::HashToken { generate } => hash_token(generate),
         Command::Demo { keep } => runtime.block_on(demo::run(keep)),
     };
     match result {
@@ -83,6 +91,23 @@ fn check_config(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     server::prepare(&config).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("# {}: OK (API key loaded; shown redacted)", path.display());
     print!("{}", config.redacted_toml());
+    Ok(())
+}
+
+fn hash_token(generate: bool) -> Result<(), Box<dyn std::error::Error>> {
+    if generate {
+        let token = tokens::generate()?;
+        println!("token: {token}");
+        println!("{}", tokens::digest_line(&token));
+        eprintln!("Give the token to the caller; put only the sha256 line in the config.");
+        return Ok(());
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("cannot read the token from stdin: {e}"))?;
+    let token = tokens::from_line(&line)?;
+    println!("{}", tokens::digest_line(token));
     Ok(())
 }
 

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -22,16 +23,19 @@ use pin_project_lite::pin_project;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
 use crate::admin::{self, Health};
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::middleware::audit::RequestTasks;
-use crate::middleware::caller::Peer;
+use crate::middleware::caller::{CallerBook, Peer};
+use crate::middleware::jobs::JobBook;
 use crate::middleware::rate_limit::Limiters;
 use crate::secret::ApiKey;
 use crate::stack::{self, StackParts};
+use crate::tls;
 use crate::upstream::{self, HttpsClient};
 
 /// Largest request head (request line and headers) accepted, in bytes.
@@ -55,12 +59,15 @@ impl std::error::Error for GatewayError {}
 pub struct Prepared {
     pub key: ApiKey,
     pub client: HttpsClient,
+    /// TLS on the main listener, if `listen.tls_cert` is set.
+    pub tls: Option<TlsAcceptor>,
 }
 
 /// Loads the key and the upstream trust roots, and checks that the audit file's folder exists.
 pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
     let key = ApiKey::load(&config.api_key).map_err(|e| GatewayError(e.to_string()))?;
     let client = upstream::client(&config.upstream).map_err(GatewayError)?;
+    let tls = tls::acceptor(&config.listen).map_err(GatewayError)?;
     let audit_dir = match config.audit.file.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => std::path::Path::new("."),
@@ -72,7 +79,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
             config.audit.file.display()
         )));
     }
-    Ok(Prepared { key, client })
+    Ok(Prepared { key, client, tls })
 }
 
 /// A gateway with its sockets bound, ready to [`run`](Gateway::run).
@@ -130,7 +137,13 @@ impl Gateway {
             listener,
             admin,
         } = self;
-        let limiters = Arc::new(Limiters::new(&config.rate_limit));
+        let own_limits = config.callers.tokens.iter().filter_map(|entry| {
+            let limit = config.token_caller_limit(entry)?;
+            Some((entry.name.as_str(), limit))
+        });
+        let limiters = Arc::new(Limiters::new(&config.rate_limit, own_limits));
+        let max_jobs = NonZeroUsize::new(config.callers.max_tracked_jobs)
+            .ok_or_else(|| GatewayError("callers.max_tracked_jobs must be at least 1".into()))?;
         let tasks = RequestTasks::default();
         tokio::spawn(Limiters::sweep_every(Arc::downgrade(&limiters)));
         let stack = stack::build::<Incoming>(StackParts {
@@ -139,8 +152,11 @@ impl Gateway {
             audit: audit.clone(),
             tasks: tasks.clone(),
             limiters,
+            callers: Arc::new(CallerBook::new(&config.callers)),
+            jobs: Arc::new(JobBook::new(max_jobs)),
             client: prepared.client,
         });
+        let tls = prepared.tls;
 
         let health = Arc::new(Health::default());
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -160,6 +176,8 @@ impl Gateway {
             addr = %listen_addr,
             admin = %admin_addr,
             upstream = ?config.upstream.url,
+            tls = tls.is_some(),
+            callers = ?config.callers.mode,
             "listening"
         );
 
@@ -168,18 +186,31 @@ impl Gateway {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        let service = stack.clone();
-                        connections.spawn(serve_connection(
-                            builder.clone(),
-                            stream,
-                            peer,
-                            service,
-                            Deadlines {
-                                first_request: config.limits.header_read_timeout,
-                                idle: config.limits.idle_timeout,
-                            },
-                            stop_rx.clone(),
-                        ));
+                        let _ = stream.set_nodelay(true);
+                        let deadlines = Deadlines {
+                            first_request: config.limits.header_read_timeout,
+                            idle: config.limits.idle_timeout,
+                        };
+                        let (builder, service, stop) = (builder.clone(), stack.clone(), stop_rx.clone());
+                        match &tls {
+                            None => connections.spawn(serve_connection(
+                                builder,
+                                stream,
+                                Peer::new(peer),
+                                service,
+                                deadlines,
+                                stop,
+                            )),
+                            Some(tls) => connections.spawn(serve_tls_connection(
+                                tls.clone(),
+                                builder,
+                                stream,
+                                peer,
+                                service,
+                                deadlines,
+                                stop,
+                            )),
+                        };
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -289,14 +320,17 @@ struct Deadlines {
     idle: Duration,
 }
 
-/// Serves one connection until it closes, sits idle past its deadline, or shutdown begins.
-async fn serve_connection<S, B>(
+/// Completes the TLS handshake (within the first-request deadline), then serves the connection.
+/// A failed handshake (no or an untrusted client certificate, a plain-HTTP client) is the
+/// client's problem, logged at info in one line.
+async fn serve_tls_connection<S, B>(
+    tls: TlsAcceptor,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
     stack: S,
     deadlines: Deadlines,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
         + Clone
@@ -306,11 +340,50 @@ async fn serve_connection<S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let _ = stream.set_nodelay(true);
+    let stream = match tokio::time::timeout(deadlines.first_request, tls.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake not completed in time; closing");
+            return;
+        }
+    };
+    let identity = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(tls::certificate_identity);
+    let peer = Peer::new(peer).with_tls_identity(identity);
+    serve_connection(builder, stream, peer, stack, deadlines, stop).await;
+}
+
+/// Serves one connection until it closes, sits idle past its deadline, or shutdown begins.
+async fn serve_connection<I, S, B>(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: I,
+    peer: Peer,
+    stack: S,
+    deadlines: Deadlines,
+    mut stop: watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let activity = Arc::new(Activity::new());
+    let addr = peer.addr;
     let service = PerConnection {
         stack,
-        peer: Peer::new(peer),
+        peer,
         activity: activity.clone(),
     };
     let connection = builder.serve_connection(TokioIo::new(stream), service);
@@ -323,7 +396,7 @@ async fn serve_connection<S, B>(
         tokio::select! {
             result = connection.as_mut() => {
                 if let Err(e) = result {
-                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    tracing::debug!(peer = %addr, error = %e, "connection ended with an error");
                 }
                 return;
             }
@@ -334,12 +407,12 @@ async fn serve_connection<S, B>(
             }
             () = idle.as_mut(), if !closing || closing_idle => {
                 if closing_idle {
-                    tracing::debug!(%peer, "dropping a connection that did not close when asked");
+                    tracing::debug!(peer = %addr, "dropping a connection that did not close when asked");
                     return;
                 }
                 match activity.idle_until(deadlines) {
                     None => {
-                        tracing::debug!(%peer, "closing idle connection");
+                        tracing::debug!(peer = %addr, "closing idle connection");
                         closing = true;
                         closing_idle = true;
                         connection.as_mut().graceful_shutdown();

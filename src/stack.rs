@@ -16,7 +16,8 @@ use crate::config::Config;
 use crate::middleware::api_key::InjectApiKeyLayer;
 use crate::middleware::audit::{AuditLayer, RequestTasks};
 use crate::middleware::body_limit::BodyLimitLayer;
-use crate::middleware::caller::IdentifyCallerLayer;
+use crate::middleware::caller::{CallerBook, IdentifyCallerLayer};
+use crate::middleware::jobs::{JobBook, JobOwnershipLayer};
 use crate::middleware::overload::ShedOverloadLayer;
 use crate::middleware::rate_limit::{Limiters, RateLimitLayer};
 use crate::middleware::request_id::{drop_unusable_request_id, X_REQUEST_ID};
@@ -31,6 +32,8 @@ pub struct StackParts {
     pub audit: AuditLog,
     pub tasks: RequestTasks,
     pub limiters: Arc<Limiters>,
+    pub callers: Arc<CallerBook>,
+    pub jobs: Arc<JobBook>,
     pub client: HttpsClient,
 }
 
@@ -82,7 +85,7 @@ where
         // end even if its caller hangs up.
         .layer(AuditLayer::new(parts.audit, parts.tasks))
         // Who is calling; authenticated modes refuse strangers here, before anything else.
-        .layer(IdentifyCallerLayer::new(config.callers.mode))
+        .layer(IdentifyCallerLayer::new(parts.callers))
         // Shedding comes before any real work is done for the request.
         .layer(ShedOverloadLayer::new(
             config.limits.max_concurrent_requests,
@@ -91,6 +94,12 @@ where
         .layer(AllowRoutesLayer)
         // An oversized body is refused before it costs a rate-limit token.
         .layer(BodyLimitLayer::new(config.limits.max_body_bytes))
+        // Another caller's job is refused before it costs a token; started jobs are noted on
+        // the way out.
+        .layer(JobOwnershipLayer::new(
+            parts.jobs,
+            config.callers.mode.is_authenticated() && !config.callers.share_results,
+        ))
         // Limits are the last refusal: only requests that will be forwarded count.
         .layer(RateLimitLayer::new(parts.limiters))
         // The key goes on last, after the caller's credentials are stripped.

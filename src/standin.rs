@@ -20,7 +20,10 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
@@ -38,6 +41,17 @@ pub struct ThrowawayCa {
 pub struct Issued {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// The same certificate and key as PEM, to write files a config can name.
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl Issued {
+    /// Writes the certificate and key as PEM files.
+    pub fn write(&self, cert: &Path, key: &Path) -> std::io::Result<()> {
+        std::fs::write(cert, &self.cert_pem)?;
+        std::fs::write(key, &self.key_pem)
+    }
 }
 
 impl ThrowawayCa {
@@ -71,11 +85,34 @@ impl ThrowawayCa {
         if let Some(first) = names.first() {
             params.distinguished_name.push(DnType::CommonName, *first);
         }
+        self.sign(params)
+    }
+
+    /// Issues a client certificate with `dns_names` as its DNS names and `common_name`, if any,
+    /// as its subject.
+    pub fn issue_client(
+        &self,
+        dns_names: &[&str],
+        common_name: Option<&str>,
+    ) -> Result<Issued, Error> {
+        let mut params =
+            CertificateParams::new(dns_names.iter().map(|n| n.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(name) = common_name {
+            params.distinguished_name.push(DnType::CommonName, name);
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, params: CertificateParams) -> Result<Issued, Error> {
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(Issued {
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
         })
     }
 

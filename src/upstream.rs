@@ -32,7 +32,7 @@ use rustls_pki_types::CertificateDer;
 use serde::Deserialize;
 use tower::Service;
 
-use crate::audit::{AuditFacts, Outcome};
+use crate::audit::{AuditFacts, Outcome, TestSteps};
 use crate::config::{Upstream as UpstreamConfig, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
 use crate::middleware::request_id::X_REQUEST_ID;
@@ -159,6 +159,34 @@ struct TestStarted {
     job_id: i64,
 }
 
+/// A connection test's results, as Datafold answers a poll; only what the audit needs.
+#[derive(Deserialize)]
+struct TestResults {
+    status: Box<str>,
+    #[serde(default)]
+    results: Vec<TestStep>,
+}
+
+#[derive(Deserialize)]
+struct TestStep {
+    step: Box<str>,
+    status: Box<str>,
+}
+
+impl TestResults {
+    fn into_facts(self, facts: &mut AuditFacts) {
+        facts.test_status = Some(self.status);
+        if !self.results.is_empty() {
+            facts.test_steps = Some(TestSteps(
+                self.results
+                    .into_iter()
+                    .map(|step| (step.step, step.status))
+                    .collect(),
+            ));
+        }
+    }
+}
+
 impl Shared {
     async fn forward<B>(&self, request: Request<B>) -> Response<Body>
     where
@@ -234,12 +262,15 @@ impl Shared {
             }
         };
 
+        let ok = parts.status == StatusCode::OK;
         let job_id = match route {
-            Route::TestConnection { .. } if parts.status == StatusCode::OK => {
-                serde_json::from_slice::<TestStarted>(&body)
-                    .ok()
-                    .map(|t| t.job_id)
-            }
+            Route::TestConnection { .. } if ok => serde_json::from_slice::<TestStarted>(&body)
+                .ok()
+                .map(|t| t.job_id),
+            _ => None,
+        };
+        let results = match route {
+            Route::TestResult { .. } if ok => serde_json::from_slice::<TestResults>(&body).ok(),
             _ => None,
         };
         remove_hop_by_hop(&mut parts.headers);
@@ -256,6 +287,9 @@ impl Shared {
         facts.upstream_status = Some(status);
         if job_id.is_some() {
             facts.job_id = job_id;
+        }
+        if let Some(results) = results {
+            results.into_facts(facts);
         }
         response
     }

@@ -117,6 +117,8 @@ async fn every_answer_is_audited_with_all_fields() {
         "outcome",
         "limit",
         "upstream_status",
+        "test_status",
+        "test_steps",
         "duration_ms",
     ];
     for record in &audit {
@@ -161,7 +163,8 @@ async fn every_answer_is_audited_with_all_fields() {
         (
             "GET".into(),
             j!("test_result"),
-            j!(null),
+            // The poll carries the data source of the job it asks about.
+            j!(42),
             j!(job_id),
             200,
             "forwarded".into(),

@@ -266,12 +266,18 @@ async fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) ->
 /// key in a file, the audit file beside it), plus `extra` TOML.
 struct Setup {
     dir: tempfile::TempDir,
-    _ca: ThrowawayCa,
+    ca: ThrowawayCa,
     upstream: StandIn,
     config: String,
 }
 
 async fn setup(extra: &str) -> Setup {
+    setup_with(|_, _| String::new(), extra).await
+}
+
+/// As [`setup`], with `listen` adding keys to the `[listen]` table (it may write files into
+/// the folder it gets, with certificates from the CA).
+async fn setup_with(listen: impl FnOnce(&Path, &ThrowawayCa) -> String, extra: &str) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = ThrowawayCa::new("ca").unwrap();
     let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
@@ -281,8 +287,9 @@ async fn setup(extra: &str) -> Setup {
     let datafold_gateway::config::ApiKeySource::File(key_file) = base.api_key else {
         unreachable!("config_for keeps the key in a file");
     };
+    let listen = listen(dir.path(), &ca);
     let text = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
+        "[listen]\naddr = \"127.0.0.1:0\"\n{listen}[admin]\naddr = \"127.0.0.1:0\"\n\
          [upstream]\nurl = {:?}\nca_file = {:?}\n\
          [api_key]\nfile = {:?}\n[audit]\nfile = {:?}\n{extra}",
         upstream.url(),
@@ -293,7 +300,7 @@ async fn setup(extra: &str) -> Setup {
     let config = write_config(dir.path(), &text);
     Setup {
         dir,
-        _ca: ca,
+        ca,
         upstream,
         config,
     }
@@ -471,4 +478,180 @@ fn demo_keep_serves_until_interrupted() {
     assert_eq!(unsafe { libc::kill(pid, libc::SIGINT) }, 0);
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn token_mode_keeps_tokens_out_of_logs_audit_and_upstream() {
+    let digest = datafold_gateway::config::TokenDigest::of(CALLER_SECRET.as_bytes()).to_hex();
+    let setup = setup(&format!(
+        "[callers]\nmode = \"token\"\n[[callers.token]]\nname = \"analytics\"\nsha256 = \"{digest}\"\n"
+    ))
+    .await;
+    let served = Served::start(&setup.config, &[("RUST_LOG", "trace")]);
+    let good = format!("Bearer {CALLER_SECRET}");
+    let wrong = format!("Bearer {CALLER_SECRET}-wrong");
+    for (token, path, status) in [
+        (good.as_str(), "/api/v1/data_sources/1/test", 200),
+        (good.as_str(), "/api/v1/data_sources/test/1001", 200),
+        (good.as_str(), "/api/v1/data_sources/test/999", 404),
+        (wrong.as_str(), "/api/v1/data_sources/1/test", 401),
+    ] {
+        let method = if path.ends_with("/test") {
+            "POST"
+        } else {
+            "GET"
+        };
+        assert_eq!(
+            send(&served.addr, method, path, &[("authorization", token)]).await,
+            status,
+            "{path}"
+        );
+    }
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success(), "{status}");
+    assert!(
+        log.contains("/api/v1/data_sources/1/test"),
+        "trace log is missing the requests"
+    );
+    assert!(!log.contains(CALLER_SECRET), "a caller token is in the log");
+    assert!(!log.contains(API_KEY), "the API key is in the log");
+    let audit = std::fs::read_to_string(setup.dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(audit.lines().count(), 4);
+    assert!(audit.contains("\"caller\":\"analytics\""), "{audit}");
+    assert!(!audit.contains(CALLER_SECRET) && !audit.contains(API_KEY));
+    for received in setup.upstream.received() {
+        assert!(!format!("{:?}", received.headers).contains(CALLER_SECRET));
+    }
+}
+
+#[tokio::test]
+async fn a_failed_client_certificate_handshake_is_one_info_line() {
+    let setup = setup_with(
+        |dir, ca| {
+            let (cert, key) = (dir.join("gw.pem"), dir.join("gw-key.pem"));
+            ca.issue(&["127.0.0.1"])
+                .unwrap()
+                .write(&cert, &key)
+                .unwrap();
+            let client_ca = dir.join("client-ca.pem");
+            ca.write_cert(&client_ca).unwrap();
+            format!("tls_cert = {cert:?}\ntls_key = {key:?}\nclient_ca = {client_ca:?}\n")
+        },
+        "[callers]\nmode = \"mtls\"\n",
+    )
+    .await;
+    let served = Served::start(&setup.config, &[]);
+    let client = common::tls_client(&setup.ca, None, false);
+    let request = Request::post(format!(
+        "https://{}/api/v1/data_sources/1/test",
+        served.addr
+    ))
+    .body(Full::new(Bytes::from_static(b"{}")))
+    .unwrap();
+    assert!(common::send_with(&client, request).await.is_err());
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success(), "{status}");
+    let failures: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "TLS handshake failed")
+        .collect();
+    assert_eq!(failures.len(), 1, "{log}");
+    assert_eq!(failures[0]["level"], "INFO");
+    assert!(
+        !log.contains("backtrace") && !log.contains("panicked"),
+        "{log}"
+    );
+    assert!(setup.upstream.received().is_empty());
+}
+
+#[test]
+fn hash_token_reads_one_line_from_stdin() {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("hash-token")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(format!("{CALLER_SECRET}\n").as_bytes())
+        .unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let digest = datafold_gateway::config::TokenDigest::of(CALLER_SECRET.as_bytes()).to_hex();
+    assert_eq!(stdout, format!("sha256 = \"{digest}\"\n"));
+}
+
+#[test]
+fn hash_token_generate_prints_a_token_and_its_digest() {
+    let output = run(&["hash-token", "--generate"], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let mut lines = stdout.lines();
+    let token = lines.next().unwrap().strip_prefix("token: ").unwrap();
+    assert!(token.len() >= 40, "{token}");
+    let digest = datafold_gateway::config::TokenDigest::of(token.as_bytes()).to_hex();
+    assert_eq!(
+        lines.next(),
+        Some(format!("sha256 = \"{digest}\"").as_str())
+    );
+    let again = String::from_utf8(run(&["hash-token", "--generate"], &[]).stdout).unwrap();
+    assert_ne!(stdout, again);
+}
+
+#[test]
+fn check_config_names_unreadable_or_invalid_pem_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not-a-cert.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let ca = ThrowawayCa::new("ca").unwrap();
+    let (cert, key) = (dir.path().join("gw.pem"), dir.path().join("gw-key.pem"));
+    ca.issue(&["127.0.0.1"])
+        .unwrap()
+        .write(&cert, &key)
+        .unwrap();
+    let cases = [
+        (
+            format!("tls_cert = {not_pem:?}\ntls_key = {key:?}\n"),
+            "listen.tls_cert",
+        ),
+        (
+            format!("tls_cert = {cert:?}\ntls_key = {not_pem:?}\n"),
+            "listen.tls_key",
+        ),
+        (
+            format!("tls_cert = {cert:?}\ntls_key = \"/nonexistent/key.pem\"\n"),
+            "listen.tls_key",
+        ),
+        (
+            format!("tls_cert = {cert:?}\ntls_key = {key:?}\nclient_ca = {not_pem:?}\n"),
+            "listen.client_ca",
+        ),
+    ];
+    for (listen, key_name) in cases {
+        let mode = if listen.contains("client_ca") {
+            "mtls"
+        } else {
+            "open"
+        };
+        let config = write_config(
+            dir.path(),
+            &format!("[listen]\n{listen}[callers]\nmode = \"{mode}\"\n"),
+        );
+        let output = run(
+            &["check-config", "--config", &config],
+            &[("DATAFOLD_API_KEY", API_KEY)],
+        );
+        let err = stderr(&output);
+        assert!(!output.status.success(), "accepted: {listen}");
+        assert!(err.contains(key_name), "expected {key_name} in: {err}");
+        assert!(err.contains(".pem"), "the file is not named: {err}");
+    }
 }

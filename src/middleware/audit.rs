@@ -153,6 +153,8 @@ async fn write_record(seen: Seen, mut response: Response<Body>, log: &AuditLog) 
         outcome: facts.outcome.unwrap_or(Outcome::Rejected),
         limit: facts.limit,
         upstream_status: facts.upstream_status,
+        test_status: facts.test_status.as_deref(),
+        test_steps: facts.test_steps.as_ref(),
         duration_ms: (seen.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     };
     log.append(&record).await;

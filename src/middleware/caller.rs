@@ -1,22 +1,33 @@
 //! Who is calling: attaches a [`CallerId`] to each request, or refuses a stranger.
 //!
-//! In `open` mode (the sidecar case: only the app next to the gateway can reach its loopback
-//! listener) the caller is its peer IP address. Authenticated modes slot in as further
-//! [`CallerMode`] arms: they get the request's headers and connection to decide.
+//! - `open` (the sidecar case: only the app next to the gateway can reach its loopback
+//!   listener): the caller is its peer IP address.
+//! - `token`: `Authorization: Bearer <token>`, whose SHA-256 digest must be one configured in
+//!   `[[callers.token]]`; the caller is that entry's name. Digests are compared in constant time,
+//!   against every entry. A missing or unknown token gets 401.
+//! - `mtls`: the TLS handshake already checked the client certificate against
+//!   `listen.client_ca`; the caller is the name the server read from it ([`Peer::tls_identity`]).
+//!   An identity outside `callers.allow` gets 403.
+//!
+//! The caller's own `Authorization` header never goes further than this layer: the key layer
+//! sets the Datafold key in its place.
 
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http::{Request, Response};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, Request, Response};
+use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
-use super::{Fact, Refuse, Stamped};
+use super::{record_fact, refuse, Fact, Refuse, Stamped};
 use crate::audit::AuditFacts;
-use crate::config::CallerMode;
-use crate::Body;
+use crate::config::{CallerMode, Callers, TokenDigest};
+use crate::{error, Body};
 
 /// The connection a request came in on; inserted by the server into every request.
 #[derive(Debug, Clone)]
@@ -26,6 +37,8 @@ pub struct Peer {
     pub addr_text: Arc<str>,
     /// The IP address as text, made once per connection.
     pub ip: Arc<str>,
+    /// The name in the client certificate verified during the TLS handshake, if any.
+    pub tls_identity: Option<Arc<str>>,
 }
 
 impl Peer {
@@ -34,7 +47,13 @@ impl Peer {
             addr,
             addr_text: addr.to_string().into(),
             ip: addr.ip().to_string().into(),
+            tls_identity: None,
         }
+    }
+
+    pub fn with_tls_identity(mut self, identity: Option<String>) -> Self {
+        self.tls_identity = identity.map(Arc::from);
+        self
     }
 }
 
@@ -48,14 +67,126 @@ impl Fact for CallerId {
     }
 }
 
+/// The callers the gateway knows, made once from `[callers]`.
+pub struct CallerBook {
+    mode: CallerMode,
+    tokens: Vec<(TokenDigest, CallerId)>,
+    allow: Option<HashSet<Arc<str>>>,
+}
+
+/// Names only: the digests stay out of logs too.
+impl std::fmt::Debug for CallerBook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallerBook")
+            .field("mode", &self.mode)
+            .field(
+                "tokens",
+                &self.tokens.iter().map(|(_, id)| &id.0).collect::<Vec<_>>(),
+            )
+            .field("allow", &self.allow)
+            .finish()
+    }
+}
+
+impl CallerBook {
+    pub fn new(callers: &Callers) -> Self {
+        Self {
+            mode: callers.mode,
+            tokens: callers
+                .tokens
+                .iter()
+                .map(|entry| (entry.sha256, CallerId(entry.name.as_str().into())))
+                .collect(),
+            allow: callers
+                .allow
+                .as_ref()
+                .map(|names| names.iter().map(|n| Arc::from(n.as_str())).collect()),
+        }
+    }
+
+    pub fn mode(&self) -> CallerMode {
+        self.mode
+    }
+
+    /// Who sent a request with these headers over this connection, or the answer refusing it.
+    fn identify(&self, headers: &HeaderMap, peer: Option<&Peer>) -> Result<CallerId, Refusal> {
+        match self.mode {
+            CallerMode::Open => Ok(CallerId(
+                peer.map_or_else(|| Arc::from("unknown"), |p| p.ip.clone()),
+            )),
+            CallerMode::Token => {
+                let token = bearer_token(headers)?;
+                self.token_caller(&TokenDigest::of(token))
+                    .cloned()
+                    .ok_or(Refusal::Unauthorized(
+                        "the bearer token is not known to the gateway",
+                    ))
+            }
+            CallerMode::Mtls => {
+                let Some(identity) = peer.and_then(|p| p.tls_identity.clone()) else {
+                    return Err(Refusal::Unauthorized(
+                        "the client certificate names neither a DNS name nor a common name",
+                    ));
+                };
+                let caller = CallerId(identity);
+                match &self.allow {
+                    Some(allow) if !allow.contains(&caller.0) => Err(Refusal::Forbidden(caller)),
+                    _ => Ok(caller),
+                }
+            }
+        }
+    }
+
+    /// The entry whose digest is `digest`, comparing against every entry in constant time.
+    fn token_caller(&self, digest: &TokenDigest) -> Option<&CallerId> {
+        let mut found = None;
+        for (known, caller) in &self.tokens {
+            if bool::from(known.0.ct_eq(&digest.0)) {
+                found = Some(caller);
+            }
+        }
+        found
+    }
+}
+
+enum Refusal {
+    /// 401: no credentials, or ones the gateway does not know.
+    Unauthorized(&'static str),
+    /// 403: a known identity that `callers.allow` leaves out.
+    Forbidden(CallerId),
+}
+
+/// The token of the request's single `Authorization: Bearer` header.
+fn bearer_token(headers: &HeaderMap) -> Result<&[u8], Refusal> {
+    let mut values = headers.get_all(AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(Refusal::Unauthorized(
+            "send exactly one Authorization: Bearer <token> header",
+        ));
+    };
+    let value = value.as_bytes();
+    let token = match value.get(..7) {
+        Some(scheme) if scheme.eq_ignore_ascii_case(b"bearer ") => value[7..].trim_ascii(),
+        _ => {
+            return Err(Refusal::Unauthorized(
+                "the Authorization header must be Bearer <token>",
+            ))
+        }
+    };
+    if token.is_empty() {
+        return Err(Refusal::Unauthorized("the bearer token is empty"));
+    }
+    Ok(token)
+}
+
 #[derive(Debug, Clone)]
 pub struct IdentifyCallerLayer {
-    mode: CallerMode,
+    book: Arc<CallerBook>,
 }
 
 impl IdentifyCallerLayer {
-    pub fn new(mode: CallerMode) -> Self {
-        Self { mode }
+    pub fn new(book: Arc<CallerBook>) -> Self {
+        Self { book }
     }
 }
 
@@ -65,7 +196,7 @@ impl<S> Layer<S> for IdentifyCallerLayer {
     fn layer(&self, inner: S) -> Self::Service {
         IdentifyCaller {
             inner,
-            mode: self.mode,
+            book: self.book.clone(),
         }
     }
 }
@@ -73,7 +204,7 @@ impl<S> Layer<S> for IdentifyCallerLayer {
 #[derive(Debug, Clone)]
 pub struct IdentifyCaller<S> {
     inner: S,
-    mode: CallerMode,
+    book: Arc<CallerBook>,
 }
 
 impl<S, B> Service<Request<B>> for IdentifyCaller<S>
@@ -89,17 +220,24 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let caller = match self.mode {
-            CallerMode::Open => {
-                let ip = request
-                    .extensions()
-                    .get::<Peer>()
-                    .map(|peer| peer.ip.clone());
-                CallerId(ip.unwrap_or_else(|| Arc::from("unknown")))
+        let peer = request.extensions().get::<Peer>();
+        match self.book.identify(request.headers(), peer) {
+            Ok(caller) => {
+                request.headers_mut().remove(AUTHORIZATION);
+                request.extensions_mut().insert(caller.clone());
+                Either::Right(Stamped::new(self.inner.call(request), caller))
             }
-        };
-        request.extensions_mut().insert(caller.clone());
-        Either::Right(Stamped::new(self.inner.call(request), caller))
+            Err(Refusal::Unauthorized(why)) => {
+                tracing::info!(reason = why, "caller refused: not authenticated");
+                refuse(error::unauthorized(why))
+            }
+            Err(Refusal::Forbidden(caller)) => {
+                tracing::info!(caller = &*caller.0, "caller refused: not in callers.allow");
+                let mut response = error::forbidden();
+                record_fact(&mut response, caller);
+                refuse(response)
+            }
+        }
     }
 }
 
@@ -112,7 +250,8 @@ mod tests {
     #[tokio::test]
     async fn open_mode_caller_is_the_peer_ip() {
         let recorder = Recorder::default();
-        let service = IdentifyCallerLayer::new(CallerMode::Open).layer(recorder.service());
+        let book = Arc::new(CallerBook::new(&Callers::default()));
+        let service = IdentifyCallerLayer::new(book).layer(recorder.service());
         let mut request = Request::new(Body::default());
         request
             .extensions_mut()

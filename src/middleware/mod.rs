@@ -9,6 +9,7 @@ pub mod api_key;
 pub mod audit;
 pub mod body_limit;
 pub mod caller;
+pub mod jobs;
 pub mod overload;
 pub mod rate_limit;
 pub mod request_id;

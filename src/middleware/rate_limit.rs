@@ -15,6 +15,7 @@
 //! already tracked are limited as usual and new ones are refused (fail closed) until a sweep
 //! makes room.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,6 +47,9 @@ pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 pub struct Limiters {
     global: Option<DefaultDirectRateLimiter>,
     per_caller: Option<Bounded<Arc<str>>>,
+    /// Callers with a limit of their own (a token entry's `rate`/`burst`), instead of
+    /// `per_caller`.
+    own_limits: HashMap<Arc<str>, DefaultDirectRateLimiter>,
     per_data_source: Option<Bounded<i64>>,
 }
 
@@ -54,6 +58,7 @@ impl std::fmt::Debug for Limiters {
         let (callers, data_sources) = self.tracked_keys();
         f.debug_struct("Limiters")
             .field("global", &self.global.is_some())
+            .field("own_limits", &self.own_limits.len())
             .field("per_caller_keys", &callers)
             .field("per_data_source_keys", &data_sources)
             .finish()
@@ -75,9 +80,23 @@ fn wait<P: governor::clock::Reference>(
 }
 
 impl Limiters {
-    pub fn new(config: &RateLimits) -> Self {
+    /// The limiters of `[rate_limit]`, with `own_limits` (caller name and limit) replacing
+    /// `per_caller` for those callers.
+    pub fn new<'a>(
+        config: &RateLimits,
+        own_limits: impl IntoIterator<Item = (&'a str, RateLimit)>,
+    ) -> Self {
         let max_keys = config.max_tracked_keys;
         Self {
+            own_limits: own_limits
+                .into_iter()
+                .map(|(name, limit)| {
+                    (
+                        Arc::from(name),
+                        DefaultDirectRateLimiter::direct(quota(&limit)),
+                    )
+                })
+                .collect(),
             global: config
                 .global
                 .as_ref()
@@ -101,10 +120,16 @@ impl Limiters {
         caller: Option<&CallerId>,
         route: Option<&Route>,
     ) -> Result<(), (Limit, Duration)> {
-        if let (Some(limiter), Some(caller)) = (&self.per_caller, caller) {
-            limiter
-                .check(&caller.0)
-                .map_err(|wait| (Limit::Caller, wait))?;
+        if let Some(caller) = caller {
+            if let Some(limiter) = self.own_limits.get(&caller.0) {
+                limiter
+                    .check()
+                    .map_err(|until| (Limit::Caller, wait(until, limiter.clock())))?;
+            } else if let Some(limiter) = &self.per_caller {
+                limiter
+                    .check(&caller.0)
+                    .map_err(|wait| (Limit::Caller, wait))?;
+            }
         }
         if let Some(limiter) = &self.global {
             limiter
@@ -353,7 +378,7 @@ mod tests {
     ) -> RateLimitService<
         impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
     > {
-        RateLimitLayer::new(Arc::new(Limiters::new(&config))).layer(recorder.service())
+        RateLimitLayer::new(Arc::new(Limiters::new(&config, []))).layer(recorder.service())
     }
 
     #[tokio::test]
@@ -465,11 +490,14 @@ mod tests {
 
     #[test]
     fn at_the_cap_new_keys_are_refused_and_tracked_keys_still_served() {
-        let limiters = Limiters::new(&RateLimits {
-            per_data_source: limit("1/s", 3),
-            max_tracked_keys: 1000,
-            ..Default::default()
-        });
+        let limiters = Limiters::new(
+            &RateLimits {
+                per_data_source: limit("1/s", 3),
+                max_tracked_keys: 1000,
+                ..Default::default()
+            },
+            [],
+        );
         let start = |id| limiters.check(None, Some(&Route::TestConnection { data_source_id: id }));
         let mut refused = 0;
         for id in 0..20_000 {
@@ -491,11 +519,14 @@ mod tests {
 
     #[test]
     fn ids_refused_by_the_global_limit_get_no_cell() {
-        let limiters = Limiters::new(&RateLimits {
-            global: limit("1/h", 1),
-            per_data_source: limit("1/h", 1),
-            ..Default::default()
-        });
+        let limiters = Limiters::new(
+            &RateLimits {
+                global: limit("1/h", 1),
+                per_data_source: limit("1/h", 1),
+                ..Default::default()
+            },
+            [],
+        );
         for id in 0..1000 {
             let _ = limiters.check(None, Some(&Route::TestConnection { data_source_id: id }));
         }
@@ -503,11 +534,41 @@ mod tests {
     }
 
     #[test]
+    fn a_callers_own_limit_replaces_per_caller() {
+        let limiters = Limiters::new(
+            &RateLimits {
+                per_caller: limit("1/h", 1),
+                ..Default::default()
+            },
+            [("ci", limit("1/h", 3).unwrap())],
+        );
+        let ci = CallerId("ci".into());
+        let other = CallerId("other".into());
+        for _ in 0..3 {
+            assert!(limiters.check(Some(&ci), None).is_ok());
+        }
+        assert_eq!(
+            limiters.check(Some(&ci), None).unwrap_err().0,
+            Limit::Caller
+        );
+        assert!(limiters.check(Some(&other), None).is_ok());
+        assert_eq!(
+            limiters.check(Some(&other), None).unwrap_err().0,
+            Limit::Caller
+        );
+        // The own limit is not a key of the shared per-caller limiter.
+        assert_eq!(limiters.tracked_keys().0, 1);
+    }
+
+    #[test]
     fn sweep_forgets_refilled_keys() {
-        let limiters = Limiters::new(&RateLimits {
-            per_data_source: limit("1000/s", 1),
-            ..Default::default()
-        });
+        let limiters = Limiters::new(
+            &RateLimits {
+                per_data_source: limit("1000/s", 1),
+                ..Default::default()
+            },
+            [],
+        );
         for id in 0..10_000 {
             limiters
                 .check(None, Some(&Route::TestConnection { data_source_id: id }))

@@ -175,3 +175,52 @@ pub fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
+
+/// An HTTPS client for the gateway's TLS listener: trusts `ca`, presents `identity` as its
+/// client certificate if given, and offers the given ALPN protocols (`h2`, `http/1.1`).
+pub fn tls_client(
+    ca: &ThrowawayCa,
+    identity: Option<&datafold_gateway::standin::Issued>,
+    http2: bool,
+) -> TlsClient {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let tls = match identity {
+        Some(issued) => builder
+            .with_client_auth_cert(issued.chain.clone(), issued.key.clone_key())
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only();
+    let connector = if http2 {
+        connector.enable_http2().build()
+    } else {
+        connector.enable_http1().build()
+    };
+    Client::builder(TokioExecutor::new())
+        .http2_only(http2)
+        .build(connector)
+}
+
+pub type TlsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// Sends a request with `client` and reads the whole answer.
+pub async fn send_with(
+    client: &TlsClient,
+    request: Request<Full<Bytes>>,
+) -> Result<(Response<()>, Bytes), hyper_util::client::legacy::Error> {
+    let response = client.request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Ok((Response::from_parts(parts, ()), body))
+}

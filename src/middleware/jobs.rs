@@ -1,0 +1,312 @@
+//! Which caller started which job, so that one team cannot read another's test results.
+//!
+//! Every connection test started through the gateway is remembered with its caller and data
+//! source ([`JobBook`]), the oldest forgotten first past `callers.max_tracked_jobs`. A result
+//! poll is then audited with the job's data source. With authenticated callers (`token`,
+//! `mtls`) a poll is only forwarded for the caller's own job: another caller's job, or a job the
+//! gateway does not know, gets the same 404 as a path that does not exist, so the answer does not
+//! say whether the job exists. `callers.share_results = true` turns the check off.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::num::NonZeroUsize;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use futures_util::future::Either;
+use http::{Request, Response};
+use lru::LruCache;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use super::caller::CallerId;
+use super::route::Route;
+use super::{record_fact, refuse, Fact, Refuse};
+use crate::audit::{AuditFacts, Outcome};
+use crate::{error, Body};
+
+/// Who started a job, and on which data source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobOwner {
+    pub caller: Arc<str>,
+    pub data_source_id: i64,
+}
+
+/// The jobs started through this gateway, bounded in memory.
+#[derive(Debug)]
+pub struct JobBook {
+    jobs: Mutex<LruCache<i64, JobOwner>>,
+}
+
+impl JobBook {
+    pub fn new(capacity: NonZeroUsize) -> Self {
+        Self {
+            jobs: Mutex::new(LruCache::new(capacity)),
+        }
+    }
+
+    /// Remembers a job; past the capacity, the job remembered longest ago is forgotten.
+    pub fn insert(&self, job_id: i64, owner: JobOwner) {
+        self.lock().put(job_id, owner);
+    }
+
+    /// The owner of a job, without making it any younger: eviction stays oldest-started first.
+    pub fn owner(&self, job_id: i64) -> Option<JobOwner> {
+        self.lock().peek(&job_id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<i64, JobOwner>> {
+        // Nothing can panic while the lock is held; a poisoned map is still a valid map.
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JobOwnershipLayer {
+    book: Arc<JobBook>,
+    /// Whether a result poll must come from the job's own caller.
+    owners_only: bool,
+}
+
+impl JobOwnershipLayer {
+    pub fn new(book: Arc<JobBook>, owners_only: bool) -> Self {
+        Self { book, owners_only }
+    }
+}
+
+impl<S> Layer<S> for JobOwnershipLayer {
+    type Service = JobOwnership<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        JobOwnership {
+            inner,
+            book: self.book.clone(),
+            owners_only: self.owners_only,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct JobOwnership<S> {
+    inner: S,
+    book: Arc<JobBook>,
+    owners_only: bool,
+}
+
+/// The data source of the job a result poll asks for.
+struct JobDataSource(i64);
+
+impl Fact for JobDataSource {
+    fn record(self, facts: &mut AuditFacts) {
+        facts.data_source_id = Some(self.0);
+    }
+}
+
+impl<S, B> Service<Request<B>> for JobOwnership<S>
+where
+    S: Service<Request<B>, Response = Response<Body>, Error = Infallible>,
+{
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Refuse<Noted<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let caller = request.extensions().get::<CallerId>().map(|c| c.0.clone());
+        let mut start = None;
+        let mut polled_data_source = None;
+        match request.extensions().get::<Route>().copied() {
+            Some(Route::TestConnection { data_source_id }) => {
+                start = caller.map(|caller| {
+                    (
+                        self.book.clone(),
+                        JobOwner {
+                            caller,
+                            data_source_id,
+                        },
+                    )
+                });
+            }
+            Some(Route::TestResult { job_id }) => {
+                let owner = self.book.owner(job_id);
+                let own = matches!((&owner, &caller), (Some(o), Some(c)) if o.caller == *c);
+                if self.owners_only && !own {
+                    let mut response = error::not_found();
+                    if let Some(owner) = owner {
+                        // The caller is not told, but the auditor is: whose job was asked for.
+                        record_fact(&mut response, JobDataSource(owner.data_source_id));
+                    }
+                    return refuse(response);
+                }
+                polled_data_source = owner.map(|o| o.data_source_id);
+            }
+            None => {}
+        }
+        Either::Right(Noted {
+            inner: self.inner.call(request),
+            start,
+            data_source_id: polled_data_source,
+        })
+    }
+}
+
+pin_project! {
+    /// The inner answer; a started job is remembered, a polled job's data source audited.
+    pub struct Noted<F> {
+        #[pin]
+        inner: F,
+        start: Option<(Arc<JobBook>, JobOwner)>,
+        data_source_id: Option<i64>,
+    }
+}
+
+impl<F> Future for Noted<F>
+where
+    F: Future<Output = Result<Response<Body>, Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Ok(mut response) = ready!(this.inner.poll(cx));
+        if let Some(data_source_id) = this.data_source_id.take() {
+            record_fact(&mut response, JobDataSource(data_source_id));
+        }
+        if let Some((book, owner)) = this.start.take() {
+            let facts = response.extensions().get::<AuditFacts>();
+            if let Some(AuditFacts {
+                job_id: Some(job_id),
+                outcome: Some(Outcome::Forwarded),
+                ..
+            }) = facts
+            {
+                book.insert(*job_id, owner);
+            }
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// An upstream that starts job 7 for every test and answers every poll 200.
+    fn upstream(request: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+        let mut response = Response::new(Body::default());
+        let facts = response
+            .extensions_mut()
+            .get_or_insert_default::<AuditFacts>();
+        facts.outcome = Some(Outcome::Forwarded);
+        if let Some(Route::TestConnection { .. }) = request.extensions().get::<Route>() {
+            facts.job_id = Some(7);
+        }
+        std::future::ready(Ok(response))
+    }
+
+    async fn send(
+        book: &Arc<JobBook>,
+        owners_only: bool,
+        caller: &str,
+        route: Route,
+    ) -> Response<Body> {
+        let service =
+            JobOwnershipLayer::new(book.clone(), owners_only).layer(tower::service_fn(upstream));
+        let mut request = Request::new(Body::default());
+        request.extensions_mut().insert(CallerId(caller.into()));
+        request.extensions_mut().insert(route);
+        service.oneshot(request).await.unwrap()
+    }
+
+    fn book(capacity: usize) -> Arc<JobBook> {
+        Arc::new(JobBook::new(NonZeroUsize::new(capacity).unwrap()))
+    }
+
+    fn data_source_of(response: &Response<Body>) -> Option<i64> {
+        response.extensions().get::<AuditFacts>()?.data_source_id
+    }
+
+    #[tokio::test]
+    async fn started_jobs_are_remembered_with_caller_and_data_source() {
+        let book = book(10);
+        send(
+            &book,
+            true,
+            "analytics",
+            Route::TestConnection { data_source_id: 42 },
+        )
+        .await;
+        assert_eq!(
+            book.owner(7),
+            Some(JobOwner {
+                caller: "analytics".into(),
+                data_source_id: 42
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_owner_reads_a_job() {
+        let book = book(10);
+        send(
+            &book,
+            true,
+            "analytics",
+            Route::TestConnection { data_source_id: 42 },
+        )
+        .await;
+        let own = send(&book, true, "analytics", Route::TestResult { job_id: 7 }).await;
+        assert_eq!(own.status(), 200);
+        assert_eq!(data_source_of(&own), Some(42));
+        let other = send(&book, true, "billing", Route::TestResult { job_id: 7 }).await;
+        assert_eq!(other.status(), 404);
+        assert_eq!(data_source_of(&other), Some(42));
+        let unknown = send(&book, true, "analytics", Route::TestResult { job_id: 8 }).await;
+        assert_eq!(unknown.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn shared_results_are_read_by_anyone_and_still_audited() {
+        let book = book(10);
+        send(
+            &book,
+            false,
+            "analytics",
+            Route::TestConnection { data_source_id: 42 },
+        )
+        .await;
+        let other = send(&book, false, "billing", Route::TestResult { job_id: 7 }).await;
+        assert_eq!(other.status(), 200);
+        assert_eq!(data_source_of(&other), Some(42));
+        let unknown = send(&book, false, "billing", Route::TestResult { job_id: 8 }).await;
+        assert_eq!(unknown.status(), 200);
+    }
+
+    #[test]
+    fn the_oldest_job_is_forgotten_first_even_if_polled() {
+        let book = book(2);
+        let owner = |ds| JobOwner {
+            caller: "a".into(),
+            data_source_id: ds,
+        };
+        book.insert(1, owner(1));
+        book.insert(2, owner(2));
+        assert!(book.owner(1).is_some());
+        book.insert(3, owner(3));
+        assert_eq!(book.owner(1), None);
+        assert_eq!(book.len(), 2);
+    }
+}

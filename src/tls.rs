@@ -1,0 +1,155 @@
+//! TLS on the main listener: the server certificate from PEM files, client certificates checked
+//! against `listen.client_ca` in `mtls` mode, and the caller's name read from a verified client
+//! certificate.
+//!
+//! Everything here is loaded once at start (and by `check-config`), so a bad file stops the
+//! gateway with a message naming the key and the file, not the first handshake.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Listen;
+
+/// The listener's TLS acceptor, or `None` for plain HTTP (no `listen.tls_cert`).
+pub fn acceptor(listen: &Listen) -> Result<Option<TlsAcceptor>, String> {
+    let (Some(cert_path), Some(key_path)) = (&listen.tls_cert, &listen.tls_key) else {
+        return Ok(None);
+    };
+    let chain = read_certificates("listen.tls_cert", cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
+        format!(
+            "listen.tls_key: {} holds no usable PEM private key: {e}",
+            key_path.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let builder = match &listen.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca_path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certificates("listen.client_ca", ca_path)? {
+                roots.add(cert).map_err(|e| {
+                    format!(
+                        "listen.client_ca: {} holds an unusable CA certificate: {e}",
+                        ca_path.display()
+                    )
+                })?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .map_err(|e| format!("listen.client_ca: {}: {e}", ca_path.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
+        format!(
+            "listen.tls_key: {} does not fit the certificate in {}: {e}",
+            key_path.display(),
+            cert_path.display()
+        )
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+fn read_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem =
+        std::fs::read(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{key}: {} is not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{key}: {} holds no PEM certificate",
+            path.display()
+        ));
+    }
+    Ok(certs)
+}
+
+/// The caller's name in a client certificate: its first DNS subject alternative name, else its
+/// subject's common name. `None` if it has neither or cannot be parsed.
+pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    if let Ok(Some(san)) = parsed.subject_alternative_name() {
+        let dns = san.value.general_names.iter().find_map(|name| match name {
+            GeneralName::DNSName(dns) => Some(*dns),
+            _ => None,
+        });
+        if let Some(dns) = dns {
+            return usable(dns);
+        }
+    }
+    let cn = parsed.subject().iter_common_name().next()?;
+    usable(cn.as_str().ok()?)
+}
+
+/// A name goes into logs, the audit trail and metric labels: printable text only.
+fn usable(name: &str) -> Option<String> {
+    let ok = !name.is_empty() && name.len() <= 253 && name.chars().all(|c| !c.is_control());
+    ok.then(|| name.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+
+    fn cert(sans: &[&str], cn: Option<&str>) -> CertificateDer<'static> {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name = DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn identity_is_the_first_dns_name() {
+        let cert = cert(&["analytics", "analytics.internal"], Some("ignored"));
+        assert_eq!(certificate_identity(&cert).as_deref(), Some("analytics"));
+    }
+
+    #[test]
+    fn identity_falls_back_to_the_common_name() {
+        let cert = cert(&[], Some("ci-runner"));
+        assert_eq!(certificate_identity(&cert).as_deref(), Some("ci-runner"));
+    }
+
+    #[test]
+    fn ip_addresses_are_not_names() {
+        let cert = cert(&["10.0.0.7"], Some("data-tools"));
+        assert_eq!(certificate_identity(&cert).as_deref(), Some("data-tools"));
+    }
+
+    #[test]
+    fn certificate_without_a_name_has_no_identity() {
+        assert_eq!(certificate_identity(&cert(&[], None)), None);
+    }
+
+    #[test]
+    fn missing_files_are_named_with_their_key() {
+        let listen = Listen {
+            tls_cert: Some("/nonexistent/cert.pem".into()),
+            tls_key: Some("/nonexistent/key.pem".into()),
+            ..Listen::default()
+        };
+        let err = acceptor(&listen).err().unwrap();
+        assert!(
+            err.starts_with("listen.tls_cert: cannot read /nonexistent/cert.pem"),
+            "{err}"
+        );
+    }
+}
