@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod audit;
+pub mod audit_query;
 pub mod config;
 pub mod demo;
 pub mod error;

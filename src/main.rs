@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafold_gateway::config::Config;
-use datafold_gateway::{demo, server, telemetry, tokens};
+use datafold_gateway::{audit_query, demo, server, telemetry, tokens};
 
 #[derive(Parser)]
 #[command(
@@ -41,6 +41,8 @@ enum Command {
         #[arg(long)]
         generate: bool,
     },
+    /// Query the audit trail: who tested which data source, when, and with what result.
+    Audit(audit_query::AuditArgs),
     /// Try the gateway against a local stand-in for Datafold, then exit.
     Demo {
         /// Keep the gateway and the stand-in running until Ctrl-C.
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => runtime.block_on(serve(args.config)),
         Command::CheckConfig(args) => check_config(args.config),
         Command::HashToken { generate } => hash_token(generate),
+        Command::Audit(args) => audit_query::run(&args).map_err(Into::into),
         Command::Demo { keep } => runtime.block_on(demo::run(keep)),
     };
     match result {
