@@ -10,8 +10,11 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
+
+use prometheus_client::metrics::counter::Counter;
 
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +46,9 @@ pub enum Limit {
 #[derive(Debug, Clone, Default)]
 pub struct AuditFacts {
     pub caller: Option<Arc<str>>,
+    /// The caller is named in the config (a token entry, `callers.allow`): its name may be a
+    /// metric label.
+    pub caller_listed: bool,
     pub route: Option<&'static str>,
     pub data_source_id: Option<i64>,
     pub job_id: Option<i64>,
@@ -106,6 +112,8 @@ enum Message {
         line: Vec<u8>,
         written: oneshot::Sender<bool>,
     },
+    /// Open the file at the configured path again (after logrotate moved it away).
+    Reopen(oneshot::Sender<Result<(), String>>),
     Close(oneshot::Sender<()>),
 }
 
@@ -113,6 +121,16 @@ enum Message {
 #[derive(Clone, Debug)]
 pub struct AuditLog {
     tx: mpsc::UnboundedSender<Message>,
+    healthy: Arc<AtomicBool>,
+}
+
+/// How the writer writes, besides the file.
+#[derive(Debug, Clone, Default)]
+pub struct WriterOptions {
+    /// Each record also goes to stdout.
+    pub stdout: bool,
+    /// Counts records that could not be written.
+    pub errors: Counter,
 }
 
 /// A batch is written once it holds this much, even if more records are waiting.
@@ -120,21 +138,27 @@ const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 impl AuditLog {
     /// Opens (creating if needed) the audit file for appending and starts the writer thread.
-    pub fn open(path: &Path) -> Result<Self, AuditError> {
+    pub fn open(path: &Path, options: WriterOptions) -> Result<Self, AuditError> {
         let file = open_append(path).map_err(|e| AuditError {
             path: path.to_owned(),
             source: e,
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let path = path.to_owned();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let writer = Writer {
+            file,
+            path: path.to_owned(),
+            options,
+            healthy: healthy.clone(),
+        };
         thread::Builder::new()
             .name("audit-writer".into())
-            .spawn({
-                let path = path.clone();
-                move || write_loop(file, &path, rx)
-            })
-            .map_err(|e| AuditError { path, source: e })?;
-        Ok(Self { tx })
+            .spawn(move || writer.run(rx))
+            .map_err(|e| AuditError {
+                path: path.to_owned(),
+                source: e,
+            })?;
+        Ok(Self { tx, healthy })
     }
 
     /// Appends one record; returns once it is written to the file, `false` if it could not be.
@@ -155,6 +179,22 @@ impl AuditLog {
         done.await.unwrap_or(false)
     }
 
+    /// Whether the last write reached the file.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Opens the file at its path again; records queued before this call go to the old file,
+    /// records after it to the new one. On failure the old file is kept.
+    pub async fn reopen(&self) -> Result<(), String> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send(Message::Reopen(reply))
+            .map_err(|_| "the audit writer has stopped".to_owned())?;
+        done.await
+            .unwrap_or_else(|_| Err("the audit writer has stopped".to_owned()))
+    }
+
     /// Writes out what is queued, syncs the file to disk and stops the writer.
     pub async fn close(&self) {
         let (closed, done) = oneshot::channel();
@@ -172,47 +212,101 @@ fn open_append(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
-fn write_loop(mut file: File, path: &Path, mut rx: mpsc::UnboundedReceiver<Message>) {
-    let mut batch = Vec::with_capacity(64 * 1024);
-    let mut waiting = Vec::new();
-    let mut closing = None;
-    while closing.is_none() {
-        let Some(first) = rx.blocking_recv() else {
-            break;
-        };
-        let mut next = Some(first);
-        while let Some(message) = next.take() {
-            match message {
-                Message::Record { line, written } => {
-                    batch.extend_from_slice(&line);
-                    waiting.push(written);
+struct Writer {
+    file: File,
+    path: PathBuf,
+    options: WriterOptions,
+    healthy: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
+        let mut batch = Vec::with_capacity(64 * 1024);
+        let mut waiting = Vec::new();
+        let mut closing = None;
+        while closing.is_none() {
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
+            let mut next = Some(first);
+            let mut reopen = None;
+            while let Some(message) = next.take() {
+                match message {
+                    Message::Record { line, written } => {
+                        batch.extend_from_slice(&line);
+                        waiting.push(written);
+                    }
+                    Message::Reopen(reply) => {
+                        reopen = Some(reply);
+                        break;
+                    }
+                    Message::Close(done) => {
+                        closing = Some(done);
+                        break;
+                    }
                 }
-                Message::Close(done) => {
-                    closing = Some(done);
-                    break;
+                if batch.len() < MAX_BATCH_BYTES {
+                    next = rx.try_recv().ok();
                 }
             }
-            if batch.len() < MAX_BATCH_BYTES {
-                next = rx.try_recv().ok();
+            if !waiting.is_empty() {
+                let ok = self.write(&batch, waiting.len());
+                for written in waiting.drain(..) {
+                    let _ = written.send(ok);
+                }
+                batch.clear();
+            }
+            if let Some(reply) = reopen {
+                let _ = reply.send(self.reopen());
             }
         }
-        let ok = match file.write_all(&batch) {
+        if let Err(e) = self.file.sync_all() {
+            tracing::error!(file = %self.path.display(), error = %e, "cannot sync the audit file");
+        }
+        if let Some(done) = closing {
+            let _ = done.send(());
+        }
+    }
+
+    /// Writes one batch of `records` records; `false` if the file did not take it.
+    fn write(&mut self, batch: &[u8], records: usize) -> bool {
+        let ok = match self.file.write_all(batch) {
             Ok(()) => true,
             Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, records = waiting.len(), "cannot write to the audit file");
+                self.options.errors.inc_by(records as u64);
+                tracing::error!(file = %self.path.display(), error = %e, records, "cannot write to the audit file");
                 false
             }
         };
-        for written in waiting.drain(..) {
-            let _ = written.send(ok);
+        self.healthy.store(ok, Ordering::Relaxed);
+        if self.options.stdout {
+            let mut stdout = io::stdout().lock();
+            if let Err(e) = stdout.write_all(batch).and_then(|()| stdout.flush()) {
+                tracing::error!(error = %e, records, "cannot write audit records to stdout");
+            }
         }
-        batch.clear();
+        ok
     }
-    if let Err(e) = file.sync_all() {
-        tracing::error!(file = %path.display(), error = %e, "cannot sync the audit file");
-    }
-    if let Some(done) = closing {
-        let _ = done.send(());
+
+    fn reopen(&mut self) -> Result<(), String> {
+        match open_append(&self.path) {
+            Ok(file) => {
+                if let Err(e) = self.file.sync_all() {
+                    tracing::warn!(file = %self.path.display(), error = %e, "cannot sync the audit file being closed");
+                }
+                self.file = file;
+                tracing::info!(file = %self.path.display(), "audit file reopened");
+                Ok(())
+            }
+            Err(e) => {
+                let message = format!(
+                    "audit.file: cannot reopen {}: {e}; still writing to the file open before",
+                    self.path.display()
+                );
+                tracing::error!("{message}");
+                Err(message)
+            }
+        }
     }
 }
 
@@ -265,7 +359,7 @@ mod tests {
     async fn record_is_in_the_file_when_append_returns() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
         assert!(log.append(&record(200)).await);
         let text = std::fs::read_to_string(&path).unwrap();
         let value: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
@@ -278,7 +372,7 @@ mod tests {
     async fn concurrent_appends_each_get_one_whole_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
         let tasks: Vec<_> = (0..200u16)
             .map(|i| {
                 let log = log.clone();
@@ -302,9 +396,43 @@ mod tests {
         assert_eq!(statuses, (200..400).collect::<Vec<u64>>());
     }
 
+    #[tokio::test]
+    async fn reopen_moves_later_records_to_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        assert!(log.append(&record(200)).await);
+        let rotated = dir.path().join("audit.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        assert!(log.append(&record(201)).await);
+        log.reopen().await.unwrap();
+        assert!(log.append(&record(202)).await);
+        log.close().await;
+        let lines = |p: &Path| std::fs::read_to_string(p).unwrap().lines().count();
+        assert_eq!(lines(&rotated), 2);
+        assert_eq!(lines(&path), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_counted_and_marks_the_log_unhealthy() {
+        let options = WriterOptions::default();
+        let errors = options.errors.clone();
+        // Every write to /dev/full fails with ENOSPC, as on a full disk.
+        let log = AuditLog::open(Path::new("/dev/full"), options).unwrap();
+        assert!(log.is_healthy());
+        assert!(!log.append(&record(200)).await);
+        assert!(!log.is_healthy());
+        assert_eq!(errors.get(), 1);
+        log.close().await;
+    }
+
     #[test]
     fn unwritable_path_names_the_file() {
-        let err = AuditLog::open(Path::new("/nonexistent-dir/audit.jsonl")).unwrap_err();
+        let err = AuditLog::open(
+            Path::new("/nonexistent-dir/audit.jsonl"),
+            WriterOptions::default(),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("/nonexistent-dir/audit.jsonl"));
     }
 }

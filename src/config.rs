@@ -426,14 +426,32 @@ impl Serialize for Rate {
 pub struct Audit {
     /// JSON lines, appended; one record per request the main listener answers.
     pub file: PathBuf,
+    /// Also write each record to stdout, for log shippers.
+    pub stdout: bool,
+    /// What to do while records cannot be written (disk full, say).
+    pub on_failure: OnAuditFailure,
 }
 
 impl Default for Audit {
     fn default() -> Self {
         Self {
             file: PathBuf::from("audit.jsonl"),
+            stdout: false,
+            on_failure: OnAuditFailure::Refuse,
         }
     }
+}
+
+/// `audit.on_failure`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnAuditFailure {
+    /// Answer 503 `audit_unavailable` without forwarding until a record is written again: an
+    /// unaudited test is a compliance hole.
+    #[default]
+    Refuse,
+    /// Forward anyway; failures are still logged and counted.
+    Continue,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

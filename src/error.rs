@@ -33,6 +33,7 @@ pub enum ErrorCode {
     UpstreamTimeout,
     Overloaded,
     ShuttingDown,
+    AuditUnavailable,
     InternalError,
 }
 
@@ -139,6 +140,19 @@ pub fn forbidden() -> Response<Body> {
     )
 }
 
+/// 503 while audit records cannot be written and `audit.on_failure = "refuse"`.
+pub fn audit_unavailable() -> Response<Body> {
+    let mut response = error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::AuditUnavailable,
+        "the gateway cannot write its audit trail, so it forwards nothing; retry later",
+    );
+    response
+        .headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from_static("5"));
+    response
+}
+
 /// A bug: something in the gateway failed. Never expected; logged where it happens.
 pub fn internal_error() -> Response<Body> {
     let mut response = error_response(
@@ -218,6 +232,16 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
+    /// The `kind` label of `datafold_gateway_upstream_errors_total`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Tls => "tls",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+        }
+    }
+
     /// Walks the error's causes to find what went wrong.
     pub fn classify(error: &(dyn StdError + 'static)) -> Self {
         let mut connect = false;

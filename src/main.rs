@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use datafold_gateway::config::Config;
 use datafold_gateway::{audit_query, demo, server, telemetry, tokens};
+use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
 #[command(
@@ -82,9 +83,25 @@ fn main() -> ExitCode {
 async fn serve(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(&path)?;
     telemetry::init(&config.log);
+    // Installed before anything slow: SIGHUP's default action would end the process.
     let stop = shutdown_signal()?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    let mut user1 = signal(SignalKind::user_defined1())?;
     let in_file = |e: server::GatewayError| format!("{}: {e}", path.display());
     let gateway = server::Gateway::bind(config).await.map_err(in_file)?;
+    let control = gateway.control(Some(path.clone()));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = hangup.recv() => control.reload().await,
+                Some(()) = user1.recv() => {
+                    tracing::info!("reopening the audit file (SIGUSR1)");
+                    let _ = control.reopen_audit().await;
+                }
+                else => return,
+            }
+        }
+    });
     gateway.run(stop).await.map_err(in_file)?;
     Ok(())
 }
@@ -117,7 +134,6 @@ fn hash_token(generate: bool) -> Result<(), Box<dyn std::error::Error>> {
 /// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this returns, so a
 /// signal that arrives while the gateway is still starting is not lost (nor fatal).
 fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     Ok(async move {

@@ -11,6 +11,10 @@ use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::ApiKeySource;
 
+/// The key in effect; a reload swaps in a new one. A request takes its copy of the header when
+/// the key is set on it, so requests in flight finish with the key they started with.
+pub type SharedKey = std::sync::Arc<arc_swap::ArcSwap<ApiKey>>;
+
 /// The `Authorization: Key <key>` header value the gateway sends upstream.
 #[derive(Clone)]
 pub struct ApiKey {
@@ -66,6 +70,11 @@ impl ApiKey {
 
     pub fn header_value(&self) -> &HeaderValue {
         &self.header
+    }
+
+    /// Whether two keys are the same key (to tell a real rotation from a touched file).
+    pub fn same_as(&self, other: &Self) -> bool {
+        self.header.as_bytes() == other.header.as_bytes()
     }
 }
 

@@ -10,12 +10,14 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -27,12 +29,14 @@ use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
 
 use crate::admin::{self, Health};
-use crate::audit::AuditLog;
-use crate::config::Config;
+use crate::audit::{AuditLog, WriterOptions};
+use crate::config::{ApiKeySource, Config};
+use crate::metrics::Metrics;
 use crate::middleware::audit::RequestTasks;
 use crate::middleware::caller::{CallerBook, Peer};
 use crate::middleware::jobs::JobBook;
 use crate::middleware::rate_limit::Limiters;
+use crate::reload::{self, Control};
 use crate::secret::ApiKey;
 use crate::stack::{self, StackParts};
 use crate::tls;
@@ -85,8 +89,8 @@ pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
 /// A gateway with its sockets bound, ready to [`run`](Gateway::run).
 pub struct Gateway {
     config: Arc<Config>,
-    prepared: Prepared,
-    audit: AuditLog,
+    parts: StackParts,
+    tls: Option<TlsAcceptor>,
     listener: TcpListener,
     admin: TcpListener,
 }
@@ -106,11 +110,33 @@ impl Gateway {
                 config.admin.addr
             ))
         })?;
-        let audit = AuditLog::open(&config.audit.file).map_err(|e| GatewayError(e.to_string()))?;
-        Ok(Self {
-            config: Arc::new(config),
-            prepared,
+        let metrics = Metrics::default();
+        let audit = AuditLog::open(
+            &config.audit.file,
+            WriterOptions {
+                stdout: config.audit.stdout,
+                errors: metrics.audit_write_errors.clone(),
+            },
+        )
+        .map_err(|e| GatewayError(e.to_string()))?;
+        let max_jobs = NonZeroUsize::new(config.callers.max_tracked_jobs)
+            .ok_or_else(|| GatewayError("callers.max_tracked_jobs must be at least 1".into()))?;
+        let config = Arc::new(config);
+        let parts = StackParts {
+            config: config.clone(),
+            key: Arc::new(ArcSwap::from_pointee(prepared.key)),
             audit,
+            tasks: RequestTasks::default(),
+            metrics,
+            limiters: Arc::new(ArcSwap::from_pointee(reload::limiters_for(&config, None))),
+            callers: Arc::new(ArcSwap::from_pointee(CallerBook::new(&config.callers))),
+            jobs: Arc::new(JobBook::new(max_jobs)),
+            client: prepared.client,
+        };
+        Ok(Self {
+            config,
+            parts,
+            tls: prepared.tls,
             listener,
             admin,
         })
@@ -128,37 +154,44 @@ impl Gateway {
             .expect("a bound socket has an address")
     }
 
+    /// The handle that changes this gateway while it runs (reloads, audit reopen).
+    /// `config_path` is the file `[callers]` and `[rate_limit]` are reloaded from.
+    pub fn control(&self, config_path: Option<PathBuf>) -> Control {
+        Control::new(config_path, &self.parts)
+    }
+
     /// Serves until `shutdown` resolves, then drains and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
         let Self {
             config,
-            prepared,
-            audit,
+            parts,
+            tls,
             listener,
             admin,
         } = self;
-        let own_limits = config.callers.tokens.iter().filter_map(|entry| {
-            let limit = config.token_caller_limit(entry)?;
-            Some((entry.name.as_str(), limit))
-        });
-        let limiters = Arc::new(Limiters::new(&config.rate_limit, own_limits));
-        let max_jobs = NonZeroUsize::new(config.callers.max_tracked_jobs)
-            .ok_or_else(|| GatewayError("callers.max_tracked_jobs must be at least 1".into()))?;
-        let tasks = RequestTasks::default();
-        tokio::spawn(Limiters::sweep_every(Arc::downgrade(&limiters)));
-        let stack = stack::build::<Incoming>(StackParts {
-            config: config.clone(),
-            key: prepared.key,
-            audit: audit.clone(),
-            tasks: tasks.clone(),
-            limiters,
-            callers: Arc::new(CallerBook::new(&config.callers)),
-            jobs: Arc::new(JobBook::new(max_jobs)),
-            client: prepared.client,
-        });
-        let tls = prepared.tls;
+        let tasks = parts.tasks.clone();
+        let audit = parts.audit.clone();
+        tokio::spawn(Limiters::sweep_every(Arc::downgrade(&parts.limiters)));
+        // With the key in a file, a change in its folder (a Secret update) loads it anew.
+        let _key_watch = match &config.api_key {
+            ApiKeySource::File(path) => {
+                match reload::watch_key_file(path, Control::new(None, &parts)) {
+                    Ok(watch) => Some(watch),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key file changes will be picked up on SIGHUP only");
+                        None
+                    }
+                }
+            }
+            ApiKeySource::Env(_) => None,
+        };
+        let registry = parts.metrics.registry();
+        let stack = stack::build::<Incoming>(parts);
 
-        let health = Arc::new(Health::default());
+        let health = Arc::new(Health {
+            metrics: registry,
+            ..Health::default()
+        });
         let (stop_tx, stop_rx) = watch::channel(false);
         let listen_addr = listener
             .local_addr()

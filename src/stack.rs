@@ -13,26 +13,29 @@ use tower_http::trace::TraceLayer;
 
 use crate::audit::AuditLog;
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::middleware::api_key::InjectApiKeyLayer;
 use crate::middleware::audit::{AuditLayer, RequestTasks};
 use crate::middleware::body_limit::BodyLimitLayer;
-use crate::middleware::caller::{CallerBook, IdentifyCallerLayer};
+use crate::middleware::caller::{IdentifyCallerLayer, SharedCallers};
 use crate::middleware::jobs::{JobBook, JobOwnershipLayer};
 use crate::middleware::overload::ShedOverloadLayer;
-use crate::middleware::rate_limit::{Limiters, RateLimitLayer};
+use crate::middleware::rate_limit::{RateLimitLayer, SharedLimiters};
 use crate::middleware::request_id::{drop_unusable_request_id, X_REQUEST_ID};
 use crate::middleware::route::AllowRoutesLayer;
-use crate::secret::ApiKey;
+use crate::secret::SharedKey;
 use crate::upstream::{strip_hop_by_hop, Forward, HttpsClient};
 
 /// Everything the stack is built from; made once at start.
+#[derive(Clone)]
 pub struct StackParts {
     pub config: Arc<Config>,
-    pub key: ApiKey,
+    pub key: SharedKey,
     pub audit: AuditLog,
     pub tasks: RequestTasks,
-    pub limiters: Arc<Limiters>,
-    pub callers: Arc<CallerBook>,
+    pub metrics: Metrics,
+    pub limiters: SharedLimiters,
+    pub callers: SharedCallers,
     pub jobs: Arc<JobBook>,
     pub client: HttpsClient,
 }
@@ -83,9 +86,14 @@ where
         )
         // Every answer from here inward is audited, refusals included; each request runs to its
         // end even if its caller hangs up.
-        .layer(AuditLayer::new(parts.audit, parts.tasks))
+        .layer(AuditLayer::new(
+            parts.audit,
+            parts.tasks,
+            parts.metrics.clone(),
+            config.audit.on_failure,
+        ))
         // Who is calling; authenticated modes refuse strangers here, before anything else.
-        .layer(IdentifyCallerLayer::new(parts.callers))
+        .layer(IdentifyCallerLayer::new(parts.callers.clone()))
         // Shedding comes before any real work is done for the request.
         .layer(ShedOverloadLayer::new(
             config.limits.max_concurrent_requests,
@@ -96,16 +104,14 @@ where
         .layer(BodyLimitLayer::new(config.limits.max_body_bytes))
         // Another caller's job is refused before it costs a token; started jobs are noted on
         // the way out.
-        .layer(JobOwnershipLayer::new(
-            parts.jobs,
-            config.callers.mode.is_authenticated() && !config.callers.share_results,
-        ))
+        .layer(JobOwnershipLayer::new(parts.jobs, parts.callers))
         // Limits are the last refusal: only requests that will be forwarded count.
         .layer(RateLimitLayer::new(parts.limiters))
         // The key goes on last, after the caller's credentials are stripped.
         .layer(InjectApiKeyLayer::new(parts.key))
         .service(Forward::new(
             parts.client,
+            parts.metrics,
             config.upstream.url.clone(),
             config.upstream.timeout,
             config.limits.max_body_bytes,

@@ -16,7 +16,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, CONNECTION, CONTENT_LENGTH, HOST};
@@ -35,6 +35,7 @@ use tower::Service;
 use crate::audit::{AuditFacts, Outcome, TestSteps};
 use crate::config::{Upstream as UpstreamConfig, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
+use crate::metrics::{KindLabels, Metrics, RouteLabels};
 use crate::middleware::request_id::X_REQUEST_ID;
 use crate::middleware::route::Route;
 use crate::Body;
@@ -108,6 +109,7 @@ pub struct Forward {
 
 struct Shared {
     client: HttpsClient,
+    metrics: Metrics,
     url: UpstreamUrl,
     timeout: Duration,
     max_body_bytes: usize,
@@ -117,6 +119,7 @@ struct Shared {
 impl Forward {
     pub fn new(
         client: HttpsClient,
+        metrics: Metrics,
         url: UpstreamUrl,
         timeout: Duration,
         max_body_bytes: usize,
@@ -125,6 +128,7 @@ impl Forward {
         Self {
             shared: Arc::new(Shared {
                 client,
+                metrics,
                 url,
                 timeout,
                 max_body_bytes,
@@ -188,6 +192,15 @@ impl TestResults {
 }
 
 impl Shared {
+    fn count_failure(&self, failure: UpstreamFailure) {
+        self.metrics
+            .upstream_errors
+            .get_or_create(&KindLabels {
+                kind: failure.kind(),
+            })
+            .inc();
+    }
+
     async fn forward<B>(&self, request: Request<B>) -> Response<Body>
     where
         B: http_body::Body<Data = Bytes>,
@@ -248,15 +261,25 @@ impl Shared {
                 .to_bytes();
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
         };
-        let (mut parts, body) = match tokio::time::timeout(self.timeout, exchange).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, exchange).await;
+        self.metrics
+            .upstream_duration
+            .get_or_create(&RouteLabels {
+                route: route.name(),
+            })
+            .observe(started.elapsed().as_secs_f64());
+        let (mut parts, body) = match result {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
                 let failure = UpstreamFailure::classify(e.as_ref());
+                self.count_failure(failure);
                 // Debug shows the whole chain of causes; Display only the outermost.
                 tracing::warn!(upstream = %self.url.authority, ?failure, error = ?e, "upstream exchange failed");
                 return failure.response(self.url.authority.as_str());
             }
             Err(_) => {
+                self.count_failure(UpstreamFailure::Timeout);
                 tracing::warn!(upstream = %self.url.authority, timeout = ?self.timeout, "upstream did not answer in time");
                 return UpstreamFailure::Timeout.response(self.url.authority.as_str());
             }

@@ -9,15 +9,15 @@ use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
 use http::Request;
 use tower::{Layer, Service};
 
-use crate::secret::ApiKey;
+use crate::secret::SharedKey;
 
 #[derive(Debug, Clone)]
 pub struct InjectApiKeyLayer {
-    key: ApiKey,
+    key: SharedKey,
 }
 
 impl InjectApiKeyLayer {
-    pub fn new(key: ApiKey) -> Self {
+    pub fn new(key: SharedKey) -> Self {
         Self { key }
     }
 }
@@ -36,7 +36,7 @@ impl<S> Layer<S> for InjectApiKeyLayer {
 #[derive(Debug, Clone)]
 pub struct InjectApiKey<S> {
     inner: S,
-    key: ApiKey,
+    key: SharedKey,
 }
 
 impl<S, B> Service<Request<B>> for InjectApiKey<S>
@@ -56,7 +56,7 @@ where
         for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
             headers.remove(name);
         }
-        headers.insert(AUTHORIZATION, self.key.header_value().clone());
+        headers.insert(AUTHORIZATION, self.key.load().header_value().clone());
         self.inner.call(request)
     }
 }
@@ -64,6 +64,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::ApiKey;
     use crate::test_support::Recorder;
     use crate::Body;
     use secrecy::SecretString;
@@ -75,6 +76,7 @@ mod tests {
     async fn caller_authorization_is_replaced() {
         let recorder = Recorder::default();
         let key = ApiKey::from_secret(&SecretString::from(KEY.to_owned())).unwrap();
+        let key = std::sync::Arc::new(arc_swap::ArcSwap::from_pointee(key));
         let service = InjectApiKeyLayer::new(key).layer(recorder.service());
         let request = Request::builder()
             .header(AUTHORIZATION, "Key stolen-or-guessed")

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
 use http::{Request, Response};
@@ -27,6 +27,8 @@ use tower::{Layer, Service};
 use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
 use crate::audit::{AuditFacts, AuditLog, Outcome, Record};
+use crate::config::OnAuditFailure;
+use crate::metrics::{self, CallerLabels, Metrics, RequestLabels, RouteLabels};
 use crate::{error, Body};
 
 /// The requests being handled, for shutdown to wait for or, past its grace, cancel.
@@ -40,11 +42,24 @@ pub struct RequestTasks {
 pub struct AuditLayer {
     log: AuditLog,
     tasks: RequestTasks,
+    metrics: Metrics,
+    /// Refuse to forward while records cannot be written (`audit.on_failure = "refuse"`).
+    refuse_unaudited: bool,
 }
 
 impl AuditLayer {
-    pub fn new(log: AuditLog, tasks: RequestTasks) -> Self {
-        Self { log, tasks }
+    pub fn new(
+        log: AuditLog,
+        tasks: RequestTasks,
+        metrics: Metrics,
+        on_failure: OnAuditFailure,
+    ) -> Self {
+        Self {
+            log,
+            tasks,
+            metrics,
+            refuse_unaudited: on_failure == OnAuditFailure::Refuse,
+        }
     }
 }
 
@@ -56,6 +71,8 @@ impl<S> Layer<S> for AuditLayer {
             inner,
             log: self.log.clone(),
             tasks: self.tasks.clone(),
+            metrics: self.metrics.clone(),
+            refuse_unaudited: self.refuse_unaudited,
         }
     }
 }
@@ -65,6 +82,8 @@ pub struct Audit<S> {
     inner: S,
     log: AuditLog,
     tasks: RequestTasks,
+    metrics: Metrics,
+    refuse_unaudited: bool,
 }
 
 /// What the audit record needs from the request, taken before the request moves inward.
@@ -106,23 +125,36 @@ where
             method: request.method().clone(),
             path: request.uri().path().to_owned(),
         };
-        let work = self.inner.call(request);
+        // While the last write failed, nothing is forwarded that might not be audited. The
+        // refusal is itself a write attempt: once one succeeds, requests flow again.
+        let work = if self.refuse_unaudited && !self.log.is_healthy() {
+            None
+        } else {
+            Some(self.inner.call(request))
+        };
         let log = self.log.clone();
+        let metrics = self.metrics.clone();
         let cancel = self.tasks.cancel.clone();
         let task = self.tasks.tracker.spawn(async move {
-            // A panic is a bug, but the request it cut short is still audited and answered.
-            let work = std::panic::AssertUnwindSafe(work).catch_unwind();
-            let response = tokio::select! {
-                result = work => match result {
-                    Ok(Ok(response)) => response,
-                    Err(_) => {
-                        tracing::error!(path = %seen.path, "a request handler panicked");
-                        error::internal_error()
+            let _in_flight = InFlight::start(&metrics);
+            let response = match work {
+                None => error::audit_unavailable(),
+                Some(work) => {
+                    // A panic is a bug, but the request it cut short is still audited and answered.
+                    let work = std::panic::AssertUnwindSafe(work).catch_unwind();
+                    tokio::select! {
+                        result = work => match result {
+                            Ok(Ok(response)) => response,
+                            Err(_) => {
+                                tracing::error!(path = %seen.path, "a request handler panicked");
+                                error::internal_error()
+                            }
+                        },
+                        () = cancel.cancelled() => error::shutting_down(),
                     }
-                },
-                () = cancel.cancelled() => error::shutting_down(),
+                }
             };
-            write_record(seen, response, &log).await
+            write_record(seen, response, &log, &metrics).await
         });
         Box::pin(async move {
             Ok(task.await.unwrap_or_else(|e| {
@@ -133,8 +165,29 @@ where
     }
 }
 
-/// Appends the request's record; returns the response, its facts removed.
-async fn write_record(seen: Seen, mut response: Response<Body>, log: &AuditLog) -> Response<Body> {
+/// Counts a request in `datafold_gateway_in_flight_requests` until dropped.
+struct InFlight(Metrics);
+
+impl InFlight {
+    fn start(metrics: &Metrics) -> Self {
+        metrics.in_flight.inc();
+        Self(metrics.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.dec();
+    }
+}
+
+/// Appends the request's record and counts it; returns the response, its facts removed.
+async fn write_record(
+    seen: Seen,
+    mut response: Response<Body>,
+    log: &AuditLog,
+    metrics: &Metrics,
+) -> Response<Body> {
     let facts = response
         .extensions_mut()
         .remove::<AuditFacts>()
@@ -157,8 +210,43 @@ async fn write_record(seen: Seen, mut response: Response<Body>, log: &AuditLog) 
         test_steps: facts.test_steps.as_ref(),
         duration_ms: (seen.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
     };
+    count(
+        metrics,
+        &record,
+        facts.caller_listed,
+        seen.started.elapsed(),
+    );
     log.append(&record).await;
     response
+}
+
+fn count(metrics: &Metrics, record: &Record<'_>, caller_listed: bool, took: Duration) {
+    let route = record.route.unwrap_or("none");
+    let outcome = metrics::outcome_label(record.outcome);
+    metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            route,
+            status: record.status,
+            outcome,
+        })
+        .inc();
+    metrics
+        .request_duration
+        .get_or_create(&RouteLabels { route })
+        .observe(took.as_secs_f64());
+    if let Some(limit) = record.limit {
+        metrics.rate_limited(limit);
+    }
+    if let (true, Some(caller)) = (caller_listed, record.caller) {
+        metrics
+            .caller_requests
+            .get_or_create(&CallerLabels {
+                caller: caller.to_owned(),
+                outcome,
+            })
+            .inc();
+    }
 }
 
 #[cfg(test)]
@@ -172,7 +260,7 @@ mod tests {
     async fn record_combines_request_and_inner_facts() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, crate::audit::WriterOptions::default()).unwrap();
         let inner = tower::service_fn(|_: Request<Body>| async {
             let mut response = Response::new(Body::default());
             *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
@@ -186,7 +274,13 @@ mod tests {
             });
             Ok::<_, Infallible>(response)
         });
-        let service = AuditLayer::new(log.clone(), RequestTasks::default()).layer(inner);
+        let service = AuditLayer::new(
+            log.clone(),
+            RequestTasks::default(),
+            Metrics::default(),
+            OnAuditFailure::Refuse,
+        )
+        .layer(inner);
         let mut request = Request::builder()
             .method("POST")
             .uri("/api/v1/data_sources/42/test?x=1")
@@ -222,14 +316,20 @@ mod tests {
     async fn a_panicking_request_is_answered_500_and_still_audited() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path).unwrap();
+        let log = AuditLog::open(&path, crate::audit::WriterOptions::default()).unwrap();
         let inner = tower::service_fn(|_: Request<Body>| async {
             if true {
                 panic!("a bug");
             }
             Ok::<_, Infallible>(Response::new(Body::default()))
         });
-        let service = AuditLayer::new(log.clone(), RequestTasks::default()).layer(inner);
+        let service = AuditLayer::new(
+            log.clone(),
+            RequestTasks::default(),
+            Metrics::default(),
+            OnAuditFailure::Refuse,
+        )
+        .layer(inner);
         let response = service
             .oneshot(Request::new(Body::default()))
             .await

@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use futures_util::future::Either;
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, Request, Response};
@@ -67,11 +68,28 @@ impl Fact for CallerId {
     }
 }
 
+/// A caller as the audit learns it: its name, and whether the config lists it.
+pub struct Identified {
+    id: CallerId,
+    listed: bool,
+}
+
+impl Fact for Identified {
+    fn record(self, facts: &mut AuditFacts) {
+        facts.caller_listed = self.listed;
+        self.id.record(facts);
+    }
+}
+
+/// The callers in effect; SIGHUP swaps in a new book, requests in flight keep theirs.
+pub type SharedCallers = Arc<ArcSwap<CallerBook>>;
+
 /// The callers the gateway knows, made once from `[callers]`.
 pub struct CallerBook {
     mode: CallerMode,
     tokens: Vec<(TokenDigest, CallerId)>,
     allow: Option<HashSet<Arc<str>>>,
+    owners_only: bool,
 }
 
 /// Names only: the digests stay out of logs too.
@@ -101,11 +119,26 @@ impl CallerBook {
                 .allow
                 .as_ref()
                 .map(|names| names.iter().map(|n| Arc::from(n.as_str())).collect()),
+            owners_only: callers.mode.is_authenticated() && !callers.share_results,
         }
     }
 
     pub fn mode(&self) -> CallerMode {
         self.mode
+    }
+
+    /// Whether a result poll must come from the caller that started the job.
+    pub fn owners_only(&self) -> bool {
+        self.owners_only
+    }
+
+    /// Whether the config names every caller this book lets in: then names may be labels.
+    fn lists_callers(&self) -> bool {
+        match self.mode {
+            CallerMode::Open => false,
+            CallerMode::Token => true,
+            CallerMode::Mtls => self.allow.is_some(),
+        }
     }
 
     /// Who sent a request with these headers over this connection, or the answer refusing it.
@@ -181,11 +214,11 @@ fn bearer_token(headers: &HeaderMap) -> Result<&[u8], Refusal> {
 
 #[derive(Debug, Clone)]
 pub struct IdentifyCallerLayer {
-    book: Arc<CallerBook>,
+    book: SharedCallers,
 }
 
 impl IdentifyCallerLayer {
-    pub fn new(book: Arc<CallerBook>) -> Self {
+    pub fn new(book: SharedCallers) -> Self {
         Self { book }
     }
 }
@@ -204,7 +237,7 @@ impl<S> Layer<S> for IdentifyCallerLayer {
 #[derive(Debug, Clone)]
 pub struct IdentifyCaller<S> {
     inner: S,
-    book: Arc<CallerBook>,
+    book: SharedCallers,
 }
 
 impl<S, B> Service<Request<B>> for IdentifyCaller<S>
@@ -213,7 +246,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Refuse<Stamped<S::Future, CallerId>>;
+    type Future = Refuse<Stamped<S::Future, Identified>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -221,11 +254,16 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let peer = request.extensions().get::<Peer>();
-        match self.book.identify(request.headers(), peer) {
+        let book = self.book.load();
+        match book.identify(request.headers(), peer) {
             Ok(caller) => {
                 request.headers_mut().remove(AUTHORIZATION);
                 request.extensions_mut().insert(caller.clone());
-                Either::Right(Stamped::new(self.inner.call(request), caller))
+                let identified = Identified {
+                    id: caller,
+                    listed: book.lists_callers(),
+                };
+                Either::Right(Stamped::new(self.inner.call(request), identified))
             }
             Err(Refusal::Unauthorized(why)) => {
                 tracing::info!(reason = why, "caller refused: not authenticated");
@@ -250,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn open_mode_caller_is_the_peer_ip() {
         let recorder = Recorder::default();
-        let book = Arc::new(CallerBook::new(&Callers::default()));
+        let book = Arc::new(ArcSwap::from_pointee(CallerBook::new(&Callers::default())));
         let service = IdentifyCallerLayer::new(book).layer(recorder.service());
         let mut request = Request::new(Body::default());
         request

@@ -20,7 +20,7 @@ use lru::LruCache;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use super::caller::CallerId;
+use super::caller::{CallerId, SharedCallers};
 use super::route::Route;
 use super::{record_fact, refuse, Fact, Refuse};
 use crate::audit::{AuditFacts, Outcome};
@@ -73,13 +73,13 @@ impl JobBook {
 #[derive(Debug, Clone)]
 pub struct JobOwnershipLayer {
     book: Arc<JobBook>,
-    /// Whether a result poll must come from the job's own caller.
-    owners_only: bool,
+    /// Says whether a result poll must come from the job's own caller.
+    callers: SharedCallers,
 }
 
 impl JobOwnershipLayer {
-    pub fn new(book: Arc<JobBook>, owners_only: bool) -> Self {
-        Self { book, owners_only }
+    pub fn new(book: Arc<JobBook>, callers: SharedCallers) -> Self {
+        Self { book, callers }
     }
 }
 
@@ -90,7 +90,7 @@ impl<S> Layer<S> for JobOwnershipLayer {
         JobOwnership {
             inner,
             book: self.book.clone(),
-            owners_only: self.owners_only,
+            callers: self.callers.clone(),
         }
     }
 }
@@ -99,7 +99,7 @@ impl<S> Layer<S> for JobOwnershipLayer {
 pub struct JobOwnership<S> {
     inner: S,
     book: Arc<JobBook>,
-    owners_only: bool,
+    callers: SharedCallers,
 }
 
 /// The data source of the job a result poll asks for.
@@ -142,7 +142,7 @@ where
             Some(Route::TestResult { job_id }) => {
                 let owner = self.book.owner(job_id);
                 let own = matches!((&owner, &caller), (Some(o), Some(c)) if o.caller == *c);
-                if self.owners_only && !own {
+                if !own && self.callers.load().owners_only() {
                     let mut response = error::not_found();
                     if let Some(owner) = owner {
                         // The caller is not told, but the auditor is: whose job was asked for.
@@ -202,6 +202,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::middleware::caller::CallerBook;
     use tower::ServiceExt;
 
     /// An upstream that starts job 7 for every test and answers every poll 200.
@@ -223,8 +224,14 @@ mod tests {
         caller: &str,
         route: Route,
     ) -> Response<Body> {
+        let callers = crate::config::Callers {
+            mode: crate::config::CallerMode::Token,
+            share_results: !owners_only,
+            ..Default::default()
+        };
+        let callers = Arc::new(arc_swap::ArcSwap::from_pointee(CallerBook::new(&callers)));
         let service =
-            JobOwnershipLayer::new(book.clone(), owners_only).layer(tower::service_fn(upstream));
+            JobOwnershipLayer::new(book.clone(), callers).layer(tower::service_fn(upstream));
         let mut request = Request::new(Body::default());
         request.extensions_mut().insert(CallerId(caller.into()));
         request.extensions_mut().insert(route);

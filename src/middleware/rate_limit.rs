@@ -23,6 +23,7 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use dashmap::DashMap;
 use futures_util::future::Either;
 use governor::clock::{Clock, DefaultClock};
@@ -43,14 +44,45 @@ use crate::{error, Body};
 /// How often keyed limiters forget the keys that have refilled.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// The configured limiters; one set shared by every connection.
+/// The configured limiters; one set shared by every connection, swapped whole on reload.
 pub struct Limiters {
-    global: Option<DefaultDirectRateLimiter>,
-    per_caller: Option<Bounded<Arc<str>>>,
+    global: Option<Kept<DefaultDirectRateLimiter>>,
+    per_caller: Option<Kept<Bounded<Arc<str>>>>,
+    per_data_source: Option<Kept<Bounded<i64>>>,
     /// Callers with a limit of their own (a token entry's `rate`/`burst`), instead of
     /// `per_caller`.
-    own_limits: HashMap<Arc<str>, DefaultDirectRateLimiter>,
-    per_data_source: Option<Bounded<i64>>,
+    own_limits: HashMap<Arc<str>, Kept<DefaultDirectRateLimiter>>,
+}
+
+/// The limiters in effect; SIGHUP swaps in new ones, requests in flight keep theirs.
+pub type SharedLimiters = Arc<ArcSwap<Limiters>>;
+
+/// A limiter with the settings it was made from, so that a reload with the same settings keeps
+/// it, state and all.
+struct Kept<L> {
+    limit: RateLimit,
+    max_keys: usize,
+    limiter: Arc<L>,
+}
+
+impl<L> Kept<L> {
+    /// `previous` if it was made from the same settings, else a new limiter from `make`.
+    fn reuse_or(
+        previous: Option<&Kept<L>>,
+        limit: RateLimit,
+        max_keys: usize,
+        make: impl FnOnce(Quota, usize) -> L,
+    ) -> Self {
+        let limiter = match previous {
+            Some(kept) if kept.limit == limit && kept.max_keys == max_keys => kept.limiter.clone(),
+            _ => Arc::new(make(quota(&limit), max_keys)),
+        };
+        Self {
+            limit,
+            max_keys,
+            limiter,
+        }
+    }
 }
 
 impl std::fmt::Debug for Limiters {
@@ -79,6 +111,10 @@ fn wait<P: governor::clock::Reference>(
     until.wait_time_from(clock.now())
 }
 
+fn direct(quota: Quota, _: usize) -> DefaultDirectRateLimiter {
+    DefaultDirectRateLimiter::direct(quota)
+}
+
 impl Limiters {
     /// The limiters of `[rate_limit]`, with `own_limits` (caller name and limit) replacing
     /// `per_caller` for those callers.
@@ -86,29 +122,43 @@ impl Limiters {
         config: &RateLimits,
         own_limits: impl IntoIterator<Item = (&'a str, RateLimit)>,
     ) -> Self {
+        Self::empty().reconfigured(config, own_limits)
+    }
+
+    fn empty() -> Self {
+        Self {
+            global: None,
+            per_caller: None,
+            per_data_source: None,
+            own_limits: HashMap::new(),
+        }
+    }
+
+    /// New limiters for a reloaded config. Each limiter whose settings did not change is the
+    /// same limiter, with the tokens its callers have already used.
+    pub fn reconfigured<'a>(
+        &self,
+        config: &RateLimits,
+        own_limits: impl IntoIterator<Item = (&'a str, RateLimit)>,
+    ) -> Self {
         let max_keys = config.max_tracked_keys;
         Self {
+            global: config
+                .global
+                .map(|l| Kept::reuse_or(self.global.as_ref(), l, 0, direct)),
+            per_caller: config
+                .per_caller
+                .map(|l| Kept::reuse_or(self.per_caller.as_ref(), l, max_keys, Bounded::new)),
+            per_data_source: config
+                .per_data_source
+                .map(|l| Kept::reuse_or(self.per_data_source.as_ref(), l, max_keys, Bounded::new)),
             own_limits: own_limits
                 .into_iter()
                 .map(|(name, limit)| {
-                    (
-                        Arc::from(name),
-                        DefaultDirectRateLimiter::direct(quota(&limit)),
-                    )
+                    let kept = Kept::reuse_or(self.own_limits.get(name), limit, 0, direct);
+                    (Arc::from(name), kept)
                 })
                 .collect(),
-            global: config
-                .global
-                .as_ref()
-                .map(|l| DefaultDirectRateLimiter::direct(quota(l))),
-            per_caller: config
-                .per_caller
-                .as_ref()
-                .map(|l| Bounded::new(quota(l), max_keys)),
-            per_data_source: config
-                .per_data_source
-                .as_ref()
-                .map(|l| Bounded::new(quota(l), max_keys)),
         }
     }
 
@@ -121,26 +171,28 @@ impl Limiters {
         route: Option<&Route>,
     ) -> Result<(), (Limit, Duration)> {
         if let Some(caller) = caller {
-            if let Some(limiter) = self.own_limits.get(&caller.0) {
+            if let Some(own) = self.own_limits.get(&caller.0) {
+                let limiter = &own.limiter;
                 limiter
                     .check()
                     .map_err(|until| (Limit::Caller, wait(until, limiter.clock())))?;
-            } else if let Some(limiter) = &self.per_caller {
-                limiter
+            } else if let Some(kept) = &self.per_caller {
+                kept.limiter
                     .check(&caller.0)
                     .map_err(|wait| (Limit::Caller, wait))?;
             }
         }
-        if let Some(limiter) = &self.global {
+        if let Some(kept) = &self.global {
+            let limiter = &kept.limiter;
             limiter
                 .check()
                 .map_err(|until| (Limit::Global, wait(until, limiter.clock())))?;
         }
         // Last, so that ids sprayed past the other limits never get a cell.
-        if let (Some(limiter), Some(Route::TestConnection { data_source_id })) =
+        if let (Some(kept), Some(Route::TestConnection { data_source_id })) =
             (&self.per_data_source, route)
         {
-            limiter
+            kept.limiter
                 .check(data_source_id)
                 .map_err(|wait| (Limit::DataSource, wait))?;
         }
@@ -149,25 +201,29 @@ impl Limiters {
 
     /// Forgets keys whose limiter has refilled: they behave exactly like a key never seen.
     pub fn sweep(&self) {
-        if let Some(limiter) = &self.per_caller {
-            limiter.sweep();
+        if let Some(kept) = &self.per_caller {
+            kept.limiter.sweep();
         }
-        if let Some(limiter) = &self.per_data_source {
-            limiter.sweep();
+        if let Some(kept) = &self.per_data_source {
+            kept.limiter.sweep();
         }
     }
 
     /// Keys currently tracked by the per-caller and per-data-source limiters.
     pub fn tracked_keys(&self) -> (usize, usize) {
         (
-            self.per_caller.as_ref().map_or(0, |l| l.cells.len()),
-            self.per_data_source.as_ref().map_or(0, |l| l.cells.len()),
+            self.per_caller
+                .as_ref()
+                .map_or(0, |k| k.limiter.cells.len()),
+            self.per_data_source
+                .as_ref()
+                .map_or(0, |k| k.limiter.cells.len()),
         )
     }
 
     /// Sweeps every [`SWEEP_EVERY`] for as long as the limiters are in use, on a blocking
     /// thread: a sweep walks every key.
-    pub async fn sweep_every(limiters: Weak<Self>) {
+    pub async fn sweep_every(limiters: Weak<ArcSwap<Self>>) {
         let mut ticks = tokio::time::interval(SWEEP_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;
@@ -176,7 +232,8 @@ impl Limiters {
             let Some(limiters) = limiters.upgrade() else {
                 return;
             };
-            let _ = tokio::task::spawn_blocking(move || limiters.sweep()).await;
+            let current = limiters.load_full();
+            let _ = tokio::task::spawn_blocking(move || current.sweep()).await;
         }
     }
 }
@@ -271,11 +328,11 @@ impl<K: Hash + Eq + Clone> Bounded<K> {
 
 #[derive(Debug, Clone)]
 pub struct RateLimitLayer {
-    limiters: Arc<Limiters>,
+    limiters: SharedLimiters,
 }
 
 impl RateLimitLayer {
-    pub fn new(limiters: Arc<Limiters>) -> Self {
+    pub fn new(limiters: SharedLimiters) -> Self {
         Self { limiters }
     }
 }
@@ -294,7 +351,7 @@ impl<S> Layer<S> for RateLimitLayer {
 #[derive(Debug, Clone)]
 pub struct RateLimitService<S> {
     inner: S,
-    limiters: Arc<Limiters>,
+    limiters: SharedLimiters,
 }
 
 impl<S, B> Service<Request<B>> for RateLimitService<S>
@@ -312,7 +369,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let caller = request.extensions().get::<CallerId>();
         let route = request.extensions().get::<Route>();
-        match self.limiters.check(caller, route) {
+        match self.limiters.load().check(caller, route) {
             Ok(()) => Either::Right(self.inner.call(request)),
             Err((limit, wait)) => refuse(error::rate_limited(limit, wait)),
         }
@@ -378,7 +435,8 @@ mod tests {
     ) -> RateLimitService<
         impl Service<Request<Body>, Response = Response<Body>, Error = Infallible> + Clone,
     > {
-        RateLimitLayer::new(Arc::new(Limiters::new(&config, []))).layer(recorder.service())
+        RateLimitLayer::new(Arc::new(ArcSwap::from_pointee(Limiters::new(&config, []))))
+            .layer(recorder.service())
     }
 
     #[tokio::test]
@@ -558,6 +616,38 @@ mod tests {
         );
         // The own limit is not a key of the shared per-caller limiter.
         assert_eq!(limiters.tracked_keys().0, 1);
+    }
+
+    #[test]
+    fn reload_keeps_the_state_of_unchanged_limits_only() {
+        let config = RateLimits {
+            global: limit("1/h", 1),
+            per_caller: limit("1/h", 1),
+            ..Default::default()
+        };
+        let limiters = Limiters::new(&config, [("ci", limit("1/h", 1).unwrap())]);
+        let ci = CallerId("ci".into());
+        let other = CallerId("other".into());
+        assert!(limiters.check(Some(&ci), None).is_ok());
+        // Spent: ci's own limit and the global one.
+        let same = limiters.reconfigured(&config, [("ci", limit("1/h", 1).unwrap())]);
+        assert_eq!(same.check(Some(&ci), None).unwrap_err().0, Limit::Caller);
+        assert_eq!(same.check(Some(&other), None).unwrap_err().0, Limit::Global);
+        let raised = RateLimits {
+            global: limit("1/h", 5),
+            ..config
+        };
+        let changed = same.reconfigured(&raised, [("ci", limit("1/h", 2).unwrap())]);
+        assert!(
+            changed.check(Some(&ci), None).is_ok(),
+            "a changed limit starts afresh"
+        );
+        // other's per-caller cell survived both reloads: the token it spent is still spent,
+        // though the global limit that refused it then now has room.
+        assert_eq!(
+            changed.check(Some(&other), None).unwrap_err().0,
+            Limit::Caller
+        );
     }
 
     #[test]

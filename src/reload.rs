@@ -1,0 +1,238 @@
+//! Changing a running gateway without a restart.
+//!
+//! - A new API key: on SIGHUP, and, with `[api_key] file`, whenever something changes in the
+//!   key file's folder. A Kubernetes Secret update swaps the folder's `..data` symlink, which a
+//!   watch on the file itself would miss. A new key that is empty or unreadable is refused: the
+//!   old key stays, an error naming the file is logged and counted, `/readyz` stays 200.
+//! - New `[callers]` and `[rate_limit]`: on SIGHUP, from the config file. An invalid file is
+//!   refused whole and the old settings stay. A limiter whose limit did not change keeps its
+//!   state. Other sections are read at start only; a reload that changes them says so.
+//! - The audit file reopened (after logrotate moved it): on SIGUSR1 and on SIGHUP.
+//!
+//! Each swap is atomic (`ArcSwap`): a request in flight finishes with what it started with.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio::sync::{mpsc, Mutex};
+
+use crate::audit::AuditLog;
+use crate::config::{ApiKeySource, Config};
+use crate::metrics::{Metrics, ResultLabels};
+use crate::middleware::caller::{CallerBook, SharedCallers};
+use crate::middleware::rate_limit::{Limiters, SharedLimiters};
+use crate::secret::{ApiKey, SharedKey};
+use crate::stack::StackParts;
+
+/// How long a burst of changes in the key's folder is let settle before the key is read.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// The rate limiters for `config`, keeping the state of those in `previous` that did not
+/// change.
+pub fn limiters_for(config: &Config, previous: Option<&Limiters>) -> Limiters {
+    let own_limits = config.callers.tokens.iter().filter_map(|entry| {
+        let limit = config.token_caller_limit(entry)?;
+        Some((entry.name.as_str(), limit))
+    });
+    match previous {
+        Some(previous) => previous.reconfigured(&config.rate_limit, own_limits),
+        None => Limiters::new(&config.rate_limit, own_limits),
+    }
+}
+
+/// The handle that reloads a running gateway; cheap to clone.
+#[derive(Clone)]
+pub struct Control {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config_path: Option<PathBuf>,
+    /// The configuration in effect, with the reloadable sections as last reloaded.
+    config: Mutex<Arc<Config>>,
+    key: SharedKey,
+    callers: SharedCallers,
+    limiters: SharedLimiters,
+    audit: AuditLog,
+    metrics: Metrics,
+}
+
+impl Control {
+    pub(crate) fn new(config_path: Option<PathBuf>, parts: &StackParts) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                config_path,
+                config: Mutex::new(parts.config.clone()),
+                key: parts.key.clone(),
+                callers: parts.callers.clone(),
+                limiters: parts.limiters.clone(),
+                audit: parts.audit.clone(),
+                metrics: parts.metrics.clone(),
+            }),
+        }
+    }
+
+    /// What SIGHUP does: the key, then `[callers]` and `[rate_limit]`, then the audit file.
+    pub async fn reload(&self) {
+        tracing::info!("reloading (SIGHUP)");
+        let _ = self.reload_key().await;
+        if let Err(e) = self.reload_config().await {
+            tracing::error!(error = %e, "configuration not reloaded; the previous one stays in effect");
+        }
+        let _ = self.reopen_audit().await;
+    }
+
+    /// Loads the key again from its source. `Ok(true)` if a different key is now in effect.
+    /// An environment variable is read at start only, so it never changes.
+    pub async fn reload_key(&self) -> Result<bool, String> {
+        let config = self.inner.config.lock().await;
+        let source = &config.api_key;
+        if let ApiKeySource::Env(name) = source {
+            tracing::info!(variable = %name, "the key comes from an environment variable, read at start only; not reloaded");
+            return Ok(false);
+        }
+        match ApiKey::load(source) {
+            Ok(key) if key.same_as(&self.inner.key.load()) => {
+                tracing::debug!("the key file holds the key already in use");
+                Ok(false)
+            }
+            Ok(key) => {
+                self.inner.key.store(Arc::new(key));
+                self.count_key_reload("success");
+                tracing::info!(source = %describe(source), "new API key in effect");
+                Ok(true)
+            }
+            Err(e) => {
+                self.count_key_reload("failure");
+                tracing::error!(error = %e, "new API key refused; the previous key stays in effect");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Reads the config file again and puts its `[callers]` and `[rate_limit]` in effect.
+    pub async fn reload_config(&self) -> Result<(), String> {
+        let Some(path) = &self.inner.config_path else {
+            return Ok(());
+        };
+        let mut current = self.inner.config.lock().await;
+        let result = self.swap_config(path, &current);
+        let label = if result.is_ok() { "success" } else { "failure" };
+        self.inner
+            .metrics
+            .config_reloads
+            .get_or_create(&ResultLabels { result: label })
+            .inc();
+        *current = result?;
+        Ok(())
+    }
+
+    fn swap_config(&self, path: &Path, current: &Arc<Config>) -> Result<Arc<Config>, String> {
+        let new = Config::load(path).map_err(|e| e.to_string())?;
+        if new.callers.mode != current.callers.mode {
+            return Err(format!(
+                "{}: callers.mode: changing the mode ({:?} to {:?}) needs a restart",
+                path.display(),
+                current.callers.mode,
+                new.callers.mode
+            ));
+        }
+        // What is not reloaded: kept as it is, and said if the file now differs.
+        let mut in_effect = (**current).clone();
+        in_effect.callers = new.callers.clone();
+        in_effect.callers.max_tracked_jobs = current.callers.max_tracked_jobs;
+        in_effect.rate_limit = new.rate_limit.clone();
+        if in_effect.redacted_toml() != new.redacted_toml() {
+            tracing::warn!(
+                file = %path.display(),
+                "changes outside [callers] and [rate_limit] (and callers.max_tracked_jobs) take effect at the next restart"
+            );
+        }
+        let limiters = limiters_for(&in_effect, Some(&self.inner.limiters.load()));
+        self.inner.limiters.store(Arc::new(limiters));
+        self.inner
+            .callers
+            .store(Arc::new(CallerBook::new(&in_effect.callers)));
+        tracing::info!(
+            file = %path.display(),
+            callers = in_effect.callers.tokens.len(),
+            "[callers] and [rate_limit] reloaded"
+        );
+        Ok(Arc::new(in_effect))
+    }
+
+    /// Opens the audit file again at its configured path (SIGUSR1, SIGHUP).
+    pub async fn reopen_audit(&self) -> Result<(), String> {
+        self.inner.audit.reopen().await
+    }
+
+    fn count_key_reload(&self, result: &'static str) {
+        self.inner
+            .metrics
+            .key_reloads
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+}
+
+fn describe(source: &ApiKeySource) -> String {
+    match source {
+        ApiKeySource::Env(name) => format!("env {name}"),
+        ApiKeySource::File(path) => path.display().to_string(),
+    }
+}
+
+/// Watches the key file's folder for as long as it is kept.
+pub struct KeyWatch {
+    _watcher: notify::RecommendedWatcher,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for KeyWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reloads the key whenever something changes in `key_file`'s folder. Watching the folder,
+/// not the file, catches a Kubernetes Secret update, which swaps a symlink beside the file.
+pub fn watch_key_file(key_file: &Path, control: Control) -> Result<KeyWatch, String> {
+    let folder = match key_file.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let key_name = key_file.file_name().map(|n| n.to_owned());
+    let (tx, mut changes) = mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        let Ok(event) = event else { return };
+        // Only the key file itself, or the kubelet's `..data` and `..<timestamp>` entries:
+        // other files in the folder (an audit file, say) change all the time.
+        let relevant = event.paths.iter().any(|path| {
+            let name = path.file_name();
+            name == key_name.as_deref()
+                || name.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+        });
+        if relevant {
+            // A full channel already holds a wake-up; one is enough.
+            let _ = tx.try_send(());
+        }
+    })
+    .map_err(|e| format!("api_key.file: cannot watch {}: {e}", folder.display()))?;
+    watcher
+        .watch(&folder, RecursiveMode::NonRecursive)
+        .map_err(|e| format!("api_key.file: cannot watch {}: {e}", folder.display()))?;
+    let task = tokio::spawn(async move {
+        while changes.recv().await.is_some() {
+            tokio::time::sleep(SETTLE).await;
+            while changes.try_recv().is_ok() {}
+            let _ = control.reload_key().await;
+        }
+    });
+    tracing::debug!(folder = %folder.display(), "watching the key file's folder");
+    Ok(KeyWatch {
+        _watcher: watcher,
+        task,
+    })
+}
