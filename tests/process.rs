@@ -655,3 +655,219 @@ fn check_config_names_unreadable_or_invalid_pem_files() {
         assert!(err.contains(".pem"), "the file is not named: {err}");
     }
 }
+
+/// A token-mode config section with one entry per `(name, token)`.
+fn token_callers(callers: &[(&str, &str)]) -> String {
+    let mut text = String::from("[callers]\nmode = \"token\"\n");
+    for (name, token) in callers {
+        let digest = datafold_gateway::config::TokenDigest::of(token.as_bytes()).to_hex();
+        text.push_str(&format!(
+            "[[callers.token]]\nname = \"{name}\"\nsha256 = \"{digest}\"\n"
+        ));
+    }
+    text
+}
+
+/// Rewrites the config file: `setup`'s base with `extra` in place of what it had.
+fn rewrite_config(setup: &Setup, old_extra: &str, new_extra: &str) {
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let base = text
+        .strip_suffix(old_extra)
+        .expect("config ends with its extra");
+    std::fs::write(&setup.config, format!("{base}{new_extra}")).unwrap();
+}
+
+/// Waits (up to 10 s) for a log line whose message is `message`.
+fn wait_for_log(served: &Served, message: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = served
+            .lines
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no '{message}' log line"));
+        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
+            if value["message"] == message {
+                return value;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn sighup_adds_and_revokes_token_callers() {
+    const ANALYTICS: &str = "dfgw_sighup_analytics_token";
+    const BILLING: &str = "dfgw_sighup_billing_token";
+    let before = token_callers(&[("analytics", ANALYTICS)]);
+    let setup = setup(&before).await;
+    let served = Served::start(&setup.config, &[]);
+    let start = |token: &'static str| {
+        let addr = served.addr.clone();
+        async move {
+            let bearer = format!("Bearer {token}");
+            send(
+                &addr,
+                "POST",
+                "/api/v1/data_sources/1/test",
+                &[("authorization", &bearer)],
+            )
+            .await
+        }
+    };
+    assert_eq!(start(ANALYTICS).await, 200);
+    assert_eq!(start(BILLING).await, 401);
+
+    // billing added, analytics revoked.
+    rewrite_config(&setup, &before, &token_callers(&[("billing", BILLING)]));
+    served.signal(libc::SIGHUP);
+    wait_for_log(&served, "[callers] and [rate_limit] reloaded");
+    assert_eq!(start(BILLING).await, 200);
+    assert_eq!(start(ANALYTICS).await, 401);
+
+    // A broken file is refused whole: billing stays in.
+    rewrite_config(
+        &setup,
+        &token_callers(&[("billing", BILLING)]),
+        "[callers]\nmode = \"token\"\n[[callers.token]]\nname = \"x\"\nsha256 = \"not hex\"\n",
+    );
+    served.signal(libc::SIGHUP);
+    let refused = wait_for_log(
+        &served,
+        "configuration not reloaded; the previous one stays in effect",
+    );
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("callers.token[0].sha256")),
+        "{refused}"
+    );
+    assert_eq!(start(BILLING).await, 200);
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success(), "{status}");
+    assert!(!log.contains(BILLING) && !log.contains(ANALYTICS));
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_key_from_its_file() {
+    const NEW_KEY: &str = "dfk_live_SIGHUP_ROTATED_5e7a1c";
+    let setup = setup("").await;
+    let key_file = setup.dir.path().join("datafold-api-key");
+    let served = Served::start(&setup.config, &[]);
+    assert_eq!(
+        send(&served.addr, "POST", "/api/v1/data_sources/1/test", &[]).await,
+        200
+    );
+    // The stand-in only knows API_KEY: after the rotation, Datafold itself refuses (401).
+    std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
+    served.signal(libc::SIGHUP);
+    wait_for_log(&served, "new API key in effect");
+    assert_eq!(
+        send(&served.addr, "POST", "/api/v1/data_sources/1/test", &[]).await,
+        401
+    );
+    let received = setup.upstream.received();
+    assert_eq!(
+        received.last().unwrap().headers["authorization"],
+        format!("Key {NEW_KEY}").as_str()
+    );
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success());
+    assert!(!log.contains(NEW_KEY) && !log.contains(API_KEY));
+}
+
+#[tokio::test]
+async fn sigusr1_reopens_the_audit_file_without_losing_records_in_flight() {
+    let setup = setup("").await;
+    let served = Served::start(&setup.config, &[]);
+    let audit = setup.dir.path().join("audit.jsonl");
+    let rotated = setup.dir.path().join("audit.jsonl.1");
+    // Requests keep flowing from four callers while the file is rotated under them.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let addr = served.addr.clone();
+            let stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let mut answered = 0u32;
+                while !*stop.borrow() {
+                    assert_eq!(
+                        send(&addr, "POST", "/api/v1/data_sources/5/test", &[]).await,
+                        200
+                    );
+                    answered += 1;
+                }
+                answered
+            })
+        })
+        .collect();
+    // Whole lines only: a line being written is not counted, nor parsed.
+    let lines = |path: &Path| {
+        std::fs::read(path).map_or(0, |bytes| bytes.iter().filter(|b| **b == b'\n').count())
+    };
+    while lines(&audit) < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    std::fs::rename(&audit, &rotated).unwrap();
+    served.signal(libc::SIGUSR1);
+    wait_for_log(&served, "audit file reopened");
+    while lines(&audit) < 20 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_tx.send(true).unwrap();
+    let mut answered = 0;
+    for sender in senders {
+        answered += sender.await.unwrap();
+    }
+    served.terminate();
+    let (status, _) = served.wait();
+    assert!(status.success());
+    let (old, new) = (read_audit(&rotated).len(), read_audit(&audit).len());
+    assert!(old >= 20 && new >= 20, "{old} + {new}");
+    assert_eq!(
+        old + new,
+        answered as usize,
+        "every answered request has its record"
+    );
+}
+
+#[tokio::test]
+async fn audit_stdout_repeats_each_record_for_log_shippers() {
+    let setup = setup("").await;
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let text = text.replace("[audit]\n", "[audit]\nstdout = true\n");
+    std::fs::write(&setup.config, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", &setup.config])
+        .env_remove("DATAFOLD_API_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = stderr.next().expect("no listening line").unwrap();
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if value["message"] == "listening" {
+            break value["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in stderr {});
+    for path in ["/api/v1/data_sources/1/test", "/api/v1/data_sources"] {
+        let method = if path.ends_with("test") {
+            "POST"
+        } else {
+            "GET"
+        };
+        send(&addr, method, path, &[]).await;
+    }
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    // SAFETY: kill(2) with a pid we spawned and have not waited for.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    let file = std::fs::read_to_string(setup.dir.path().join("audit.jsonl")).unwrap();
+    assert_eq!(String::from_utf8(output.stdout).unwrap(), file);
+    assert_eq!(file.lines().count(), 2);
+}

@@ -21,6 +21,8 @@ pub const API_KEY: &str = "dfk_live_TESTKEY_7f3a9c2e51d04b8a";
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
+    /// Reloads and reopens, as SIGHUP and SIGUSR1 do in the binary.
+    pub control: datafold_gateway::reload::Control,
     pub ca: ThrowawayCa,
     pub upstream: StandIn,
     pub addr: SocketAddr,
@@ -69,6 +71,7 @@ impl Harness {
     ) -> Self {
         let audit_file = config.audit.file.clone();
         let gateway = Gateway::bind(config).await.unwrap();
+        let control = gateway.control(None);
         let addr = gateway.listen_addr();
         let admin = gateway.admin_addr();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -82,6 +85,7 @@ impl Harness {
         });
         Self {
             dir,
+            control,
             ca,
             upstream,
             addr,
@@ -128,6 +132,16 @@ impl Harness {
     pub async fn get(&self, path: &str) -> (Response<()>, Bytes) {
         let request = Request::get(self.url(path)).body(Full::default()).unwrap();
         self.send(request).await
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let request = Request::get(format!("http://{}/metrics", self.admin))
+            .body(Full::default())
+            .unwrap();
+        let (response, body) = self.send(request).await;
+        assert_eq!(response.status(), 200);
+        String::from_utf8(body.to_vec()).unwrap()
     }
 
     /// Audit records written so far, parsed.
@@ -223,4 +237,11 @@ pub async fn send_with(
     let (parts, body) = response.into_parts();
     let body = body.collect().await.unwrap().to_bytes();
     Ok((Response::from_parts(parts, ()), body))
+}
+
+/// The value of the sample `name` (with its labels, exactly as exposed) in metrics `text`.
+pub fn sample(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map(|value| value.trim().parse().unwrap())
 }

@@ -1,0 +1,338 @@
+//! What an operator relies on: metrics that move, key rotation without a restart, audit file
+//! reopening, and what happens while the audit cannot be written.
+
+mod common;
+
+use std::num::NonZeroU32;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{config_for, json, sample, Harness, API_KEY};
+use datafold_gateway::config::{
+    ApiKeySource, CallerMode, OnAuditFailure, RateLimit, TokenCaller, TokenDigest,
+};
+use datafold_gateway::standin::{StandIn, ThrowawayCa};
+
+const NEW_KEY: &str = "dfk_live_ROTATED_0c4e8a2b6d1f9357";
+const START: &str = "/api/v1/data_sources/42/test";
+
+#[tokio::test]
+async fn request_metrics_move_with_requests_and_name_no_peer() {
+    let h = Harness::start(|c| {
+        c.rate_limit.global = Some(RateLimit {
+            rate: "1/h".parse().unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+        })
+    })
+    .await;
+    let before = h.metrics().await;
+    assert_eq!(
+        sample(&before, "datafold_gateway_in_flight_requests"),
+        Some(0.0)
+    );
+    assert!(
+        before.contains("datafold_gateway_build_info{version=\""),
+        "{before}"
+    );
+
+    assert_eq!(h.post(START).await.0.status(), 200);
+    assert_eq!(h.post(START).await.0.status(), 429);
+    assert_eq!(h.get("/api/v1/data_sources").await.0.status(), 404);
+    let after = h.metrics().await;
+    for (name, value) in [
+        (
+            r#"datafold_gateway_requests_total{route="test_connection",status="200",outcome="forwarded"}"#,
+            1.0,
+        ),
+        (
+            r#"datafold_gateway_requests_total{route="test_connection",status="429",outcome="rate_limited"}"#,
+            1.0,
+        ),
+        (
+            r#"datafold_gateway_requests_total{route="none",status="404",outcome="rejected"}"#,
+            1.0,
+        ),
+        (
+            r#"datafold_gateway_rate_limited_total{limit="global"}"#,
+            1.0,
+        ),
+        (
+            r#"datafold_gateway_request_duration_seconds_count{route="test_connection"}"#,
+            2.0,
+        ),
+        (
+            r#"datafold_gateway_upstream_duration_seconds_count{route="test_connection"}"#,
+            1.0,
+        ),
+        ("datafold_gateway_in_flight_requests", 0.0),
+        ("datafold_gateway_audit_write_errors_total", 0.0),
+    ] {
+        assert_eq!(sample(&after, name), Some(value), "{name} in:\n{after}");
+    }
+    // Open mode: callers are peer addresses, whose number has no bound; never a label.
+    assert!(!after.contains("127.0.0.1"), "{after}");
+    assert!(!after.contains("caller_requests_total{"), "{after}");
+}
+
+#[tokio::test]
+async fn upstream_errors_are_counted_by_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("test CA").unwrap();
+    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
+        .await
+        .unwrap();
+    // A port nothing listens on: bind one, note it, close it.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let config = config_for(dir.path(), &ca, &format!("https://{closed}"));
+    let h = Harness::start_with(dir, ca, upstream, config).await;
+    assert_eq!(h.post(START).await.0.status(), 502);
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"datafold_gateway_upstream_errors_total{kind="connect"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"datafold_gateway_requests_total{route="test_connection",status="502",outcome="upstream_error"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn token_caller_names_are_metric_labels() {
+    let h = Harness::start(|c| {
+        c.callers.mode = CallerMode::Token;
+        c.callers.tokens = vec![TokenCaller {
+            name: "analytics".into(),
+            sha256: TokenDigest::of(b"dfgw_metrics_token"),
+            rate: None,
+            burst: None,
+        }];
+    })
+    .await;
+    let request = http::Request::post(h.url(START))
+        .header("authorization", "Bearer dfgw_metrics_token")
+        .body(Default::default())
+        .unwrap();
+    assert_eq!(h.send(request).await.0.status(), 200);
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"datafold_gateway_caller_requests_total{caller="analytics",outcome="forwarded"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(!text.contains("dfgw_metrics_token"));
+}
+
+/// A stand-in that accepts only `NEW_KEY`, and a gateway that starts with `API_KEY` from the
+/// file `key_file` (relative to the test folder) that `prepare` set up.
+async fn rotation_setup(prepare: impl FnOnce(&Path) -> std::path::PathBuf) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("test CA").unwrap();
+    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), NEW_KEY)
+        .await
+        .unwrap();
+    let mut config = config_for(dir.path(), &ca, &upstream.url());
+    config.api_key = ApiKeySource::File(prepare(dir.path()));
+    Harness::start_with(dir, ca, upstream, config).await
+}
+
+/// The upstream's answer to a test start: 401 while the old key is in use, 200 with the new.
+async fn upstream_status(h: &Harness) -> u16 {
+    h.post(START).await.0.status().as_u16()
+}
+
+async fn ready(h: &Harness) -> u16 {
+    let request = http::Request::get(format!("http://{}/readyz", h.admin))
+        .body(Default::default())
+        .unwrap();
+    h.send(request).await.0.status().as_u16()
+}
+
+#[tokio::test]
+async fn reload_puts_a_new_key_in_effect_and_counts_it() {
+    let h = rotation_setup(|dir| {
+        let path = dir.join("api-key");
+        std::fs::write(&path, format!("{API_KEY}\n")).unwrap();
+        path
+    })
+    .await;
+    assert_eq!(
+        upstream_status(&h).await,
+        401,
+        "the old key is refused upstream"
+    );
+    // Written in place, then reloaded as SIGHUP does it (the folder watch may beat us to it).
+    std::fs::write(h.dir.path().join("api-key"), format!("{NEW_KEY}\n")).unwrap();
+    h.control.reload_key().await.unwrap();
+    assert_eq!(upstream_status(&h).await, 200);
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"datafold_gateway_key_reloads_total{result="success"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_or_missing_new_key_is_refused_and_the_old_one_kept() {
+    let h = rotation_setup(|dir| {
+        let path = dir.join("api-key");
+        std::fs::write(&path, format!("{NEW_KEY}\n")).unwrap();
+        path
+    })
+    .await;
+    let key_file = h.dir.path().join("api-key");
+    std::fs::write(&key_file, "\n").unwrap();
+    let err = h.control.reload_key().await.unwrap_err();
+    assert!(err.contains("api-key") && err.contains("empty"), "{err}");
+    assert!(!err.contains(NEW_KEY));
+    std::fs::remove_file(&key_file).unwrap();
+    let err = h.control.reload_key().await.unwrap_err();
+    assert!(err.contains("api-key"), "{err}");
+    assert_eq!(
+        upstream_status(&h).await,
+        200,
+        "the old key is still in use"
+    );
+    assert_eq!(ready(&h).await, 200);
+    let text = h.metrics().await;
+    let failures = sample(
+        &text,
+        r#"datafold_gateway_key_reloads_total{result="failure"}"#,
+    );
+    // The folder watch may have tried too; each attempt counts.
+    assert!(failures.is_some_and(|n| n >= 2.0), "{text}");
+}
+
+/// Lays out a folder the way the kubelet mounts a Secret: the key is a symlink through
+/// `..data`, itself a symlink to a timestamped folder.
+fn kubelet_secret(folder: &Path, version: &str, key: &str) {
+    let versioned = folder.join(format!("..{version}"));
+    std::fs::create_dir(&versioned).unwrap();
+    std::fs::write(versioned.join("api-key"), format!("{key}\n")).unwrap();
+    let tmp = folder.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    // The swap itself: one rename over the old `..data` link.
+    std::fs::rename(&tmp, folder.join("..data")).unwrap();
+    let link = folder.join("api-key");
+    if !link.exists() {
+        std::os::unix::fs::symlink("..data/api-key", &link).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_kubelet_style_symlink_swap_is_picked_up_without_a_signal() {
+    let h = rotation_setup(|dir| {
+        let secret = dir.join("secret");
+        std::fs::create_dir(&secret).unwrap();
+        kubelet_secret(&secret, "2026_12_01_10_00_00.1", API_KEY);
+        secret.join("api-key")
+    })
+    .await;
+    assert_eq!(upstream_status(&h).await, 401);
+    kubelet_secret(
+        &h.dir.path().join("secret"),
+        "2026_12_01_11_00_00.2",
+        NEW_KEY,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while upstream_status(&h).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the swapped key was not picked up within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            r#"datafold_gateway_key_reloads_total{result="success"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn refuse_mode_stops_forwarding_while_the_audit_cannot_be_written() {
+    let mut h = Harness::start(|c| {
+        // Every write to /dev/full fails with ENOSPC, as on a full disk.
+        c.audit.file = "/dev/full".into();
+        c.audit.on_failure = OnAuditFailure::Refuse;
+    })
+    .await;
+    // The first request's record is the first to fail: it was forwarded already.
+    assert_eq!(h.post(START).await.0.status(), 200);
+    let (response, body) = h.post(START).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(json(&body)["code"], "audit_unavailable");
+    assert_eq!(
+        h.upstream.received().len(),
+        1,
+        "nothing forwarded unaudited"
+    );
+    assert_eq!(ready(&h).await, 200);
+    let text = h.metrics().await;
+    assert!(sample(&text, "datafold_gateway_audit_write_errors_total").is_some_and(|n| n >= 2.0));
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn continue_mode_forwards_and_counts_failed_writes() {
+    let mut h = Harness::start(|c| {
+        c.audit.file = "/dev/full".into();
+        c.audit.on_failure = OnAuditFailure::Continue;
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(h.post(START).await.0.status(), 200);
+    }
+    assert_eq!(h.upstream.received().len(), 3);
+    let text = h.metrics().await;
+    assert_eq!(
+        sample(&text, "datafold_gateway_audit_write_errors_total"),
+        Some(3.0),
+        "{text}"
+    );
+    h.shutdown().await;
+}
+
+#[tokio::test]
+async fn forwarding_resumes_once_a_reopened_audit_file_takes_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join("audit.jsonl");
+    std::os::unix::fs::symlink("/dev/full", &link).unwrap();
+    let mut h = Harness::start(|c| c.audit.file = link.clone()).await;
+    assert_eq!(h.post(START).await.0.status(), 200);
+    assert_eq!(h.post(START).await.0.status(), 503);
+    // The disk is fixed: the path now leads to a real file, and the file is reopened.
+    std::fs::remove_file(&link).unwrap();
+    h.control.reopen_audit().await.unwrap();
+    // The first request after the failure is refused, but its record is written...
+    assert_eq!(h.post(START).await.0.status(), 503);
+    // ...and from then on requests are forwarded again.
+    assert_eq!(h.post(START).await.0.status(), 200);
+    h.shutdown().await;
+    let records = common::read_audit(&link);
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0]["status"], 503);
+    assert_eq!(records[1]["status"], 200);
+}
