@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafold_gateway::config::Config;
-use datafold_gateway::{audit_query, demo, server, telemetry, tokens};
+use datafold_gateway::{audit_query, demo, reload, server, telemetry, tokens};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -90,6 +90,10 @@ async fn serve(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
     let in_file = |e: server::GatewayError| format!("{}: {e}", path.display());
     let gateway = server::Gateway::bind(config).await.map_err(in_file)?;
     let control = gateway.control(Some(path.clone()));
+    // A changed config file (a ConfigMap update, where nobody can send SIGHUP) is reloaded too.
+    let _config_watch = reload::watch_config_file(&path, control.clone())
+        .map_err(|e| tracing::warn!(error = %e, "config changes will be picked up on SIGHUP only"))
+        .ok();
     tokio::spawn(async move {
         loop {
             tokio::select! {

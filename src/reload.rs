@@ -4,7 +4,8 @@
 //!   key file's folder. A Kubernetes Secret update swaps the folder's `..data` symlink, which a
 //!   watch on the file itself would miss. A new key that is empty or unreadable is refused: the
 //!   old key stays, an error naming the file is logged and counted, `/readyz` stays 200.
-//! - New `[callers]` and `[rate_limit]`: on SIGHUP, from the config file. An invalid file is
+//! - New `[callers]` and `[rate_limit]`: on SIGHUP, and whenever the config file changes in its
+//!   folder (a ConfigMap update), from the config file. An invalid file is
 //!   refused whole and the old settings stay. A limiter whose limit did not change keeps its
 //!   state. Other sections are read at start only; a reload that changes them says so.
 //! - The audit file reopened (after logrotate moved it): on SIGUSR1 and on SIGHUP.
@@ -184,54 +185,82 @@ fn describe(source: &ApiKeySource) -> String {
     }
 }
 
-/// Watches the key file's folder for as long as it is kept.
-pub struct KeyWatch {
+/// Watches a file's folder for as long as it is kept.
+pub struct FolderWatch {
     _watcher: notify::RecommendedWatcher,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for KeyWatch {
+impl Drop for FolderWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
 }
 
-/// Reloads the key whenever something changes in `key_file`'s folder. Watching the folder,
-/// not the file, catches a Kubernetes Secret update, which swaps a symlink beside the file.
-pub fn watch_key_file(key_file: &Path, control: Control) -> Result<KeyWatch, String> {
-    let folder = match key_file.parent() {
+/// Reloads the key whenever it changes in `key_file`'s folder.
+pub fn watch_key_file(key_file: &Path, control: Control) -> Result<FolderWatch, String> {
+    watch_file("api_key.file", key_file, move || {
+        let control = control.clone();
+        async move {
+            let _ = control.reload_key().await;
+        }
+    })
+}
+
+/// Reloads `[callers]` and `[rate_limit]` whenever the config file changes in its folder (a
+/// Kubernetes ConfigMap update, which cannot send SIGHUP).
+pub fn watch_config_file(config_file: &Path, control: Control) -> Result<FolderWatch, String> {
+    watch_file("the config file", config_file, move || {
+        let control = control.clone();
+        async move {
+            if let Err(e) = control.reload_config().await {
+                tracing::error!(error = %e, "configuration not reloaded; the previous one stays in effect");
+            }
+        }
+    })
+}
+
+/// Runs `on_change` after something changes `file` in its folder. Watching the folder, not the
+/// file, catches a Kubernetes Secret or ConfigMap update, which swaps a `..data` symlink beside
+/// the file. Changes come in bursts; `on_change` runs once a burst has settled.
+fn watch_file<F, Fut>(what: &str, file: &Path, on_change: F) -> Result<FolderWatch, String>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let folder = match file.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
         _ => PathBuf::from("."),
     };
-    let key_name = key_file.file_name().map(|n| n.to_owned());
+    let name = file.file_name().map(|n| n.to_owned());
     let (tx, mut changes) = mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         let Ok(event) = event else { return };
-        // Only the key file itself, or the kubelet's `..data` and `..<timestamp>` entries:
-        // other files in the folder (an audit file, say) change all the time.
+        // Only the file itself, or the kubelet's `..data` and `..<timestamp>` entries: other
+        // files in the folder (an audit file, say) change all the time.
         let relevant = event.paths.iter().any(|path| {
-            let name = path.file_name();
-            name == key_name.as_deref()
-                || name.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+            let changed = path.file_name();
+            changed == name.as_deref()
+                || changed.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
         });
         if relevant {
             // A full channel already holds a wake-up; one is enough.
             let _ = tx.try_send(());
         }
     })
-    .map_err(|e| format!("api_key.file: cannot watch {}: {e}", folder.display()))?;
+    .map_err(|e| format!("{what}: cannot watch {}: {e}", folder.display()))?;
     watcher
         .watch(&folder, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("api_key.file: cannot watch {}: {e}", folder.display()))?;
+        .map_err(|e| format!("{what}: cannot watch {}: {e}", folder.display()))?;
     let task = tokio::spawn(async move {
         while changes.recv().await.is_some() {
             tokio::time::sleep(SETTLE).await;
             while changes.try_recv().is_ok() {}
-            let _ = control.reload_key().await;
+            on_change().await;
         }
     });
-    tracing::debug!(folder = %folder.display(), "watching the key file's folder");
-    Ok(KeyWatch {
+    tracing::debug!(folder = %folder.display(), "watching {what}'s folder");
+    Ok(FolderWatch {
         _watcher: watcher,
         task,
     })

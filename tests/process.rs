@@ -720,6 +720,8 @@ async fn sighup_adds_and_revokes_token_callers() {
     // billing added, analytics revoked.
     rewrite_config(&setup, &before, &token_callers(&[("billing", BILLING)]));
     served.signal(libc::SIGHUP);
+    // The folder watch may reload first; the signal's own reload follows its log line.
+    wait_for_log(&served, "reloading (SIGHUP)");
     wait_for_log(&served, "[callers] and [rate_limit] reloaded");
     assert_eq!(start(BILLING).await, 200);
     assert_eq!(start(ANALYTICS).await, 401);
@@ -731,6 +733,7 @@ async fn sighup_adds_and_revokes_token_callers() {
         "[callers]\nmode = \"token\"\n[[callers.token]]\nname = \"x\"\nsha256 = \"not hex\"\n",
     );
     served.signal(libc::SIGHUP);
+    wait_for_log(&served, "reloading (SIGHUP)");
     let refused = wait_for_log(
         &served,
         "configuration not reloaded; the previous one stays in effect",
@@ -761,7 +764,10 @@ async fn sighup_rotates_the_key_from_its_file() {
     // The stand-in only knows API_KEY: after the rotation, Datafold itself refuses (401).
     std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
     served.signal(libc::SIGHUP);
-    wait_for_log(&served, "new API key in effect");
+    // The folder watch may get to the key first; either way it is in effect once the
+    // signal's reload, which does the key first, has moved on to the config.
+    wait_for_log(&served, "reloading (SIGHUP)");
+    wait_for_log(&served, "[callers] and [rate_limit] reloaded");
     assert_eq!(
         send(&served.addr, "POST", "/api/v1/data_sources/1/test", &[]).await,
         401
@@ -870,4 +876,32 @@ async fn audit_stdout_repeats_each_record_for_log_shippers() {
     let file = std::fs::read_to_string(setup.dir.path().join("audit.jsonl")).unwrap();
     assert_eq!(String::from_utf8(output.stdout).unwrap(), file);
     assert_eq!(file.lines().count(), 2);
+}
+
+#[tokio::test]
+async fn a_changed_config_file_is_reloaded_without_a_signal() {
+    const OPS: &str = "dfgw_watch_ops_token";
+    let before = token_callers(&[("analytics", "dfgw_watch_analytics_token")]);
+    let setup = setup(&before).await;
+    let served = Served::start(&setup.config, &[]);
+    let bearer = format!("Bearer {OPS}");
+    let headers = [("authorization", bearer.as_str())];
+    let path = "/api/v1/data_sources/1/test";
+    assert_eq!(send(&served.addr, "POST", path, &headers).await, 401);
+    // Written aside, then renamed over the config: how editors and ConfigMaps replace a file.
+    let staged = setup.dir.path().join("gateway.toml.new");
+    let text = std::fs::read_to_string(&setup.config).unwrap();
+    let text = text.replace(&before, &token_callers(&[("ops", OPS)]));
+    std::fs::write(&staged, text).unwrap();
+    std::fs::rename(&staged, &setup.config).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while send(&served.addr, "POST", path, &headers).await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new caller was not let in within 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    served.terminate();
+    assert!(served.wait().0.success());
 }
