@@ -1,0 +1,915 @@
+#!/usr/bin/env python3
+"""Side-by-side benchmark of datafold-gateway against nginx and HAProxy doing the same job.
+
+Normally started by benches/run.sh, which installs the tools, builds the gateway and makes the
+throwaway certificates. Standard library only (Python 3.11).
+
+Everything runs on loopback with ephemeral ports:
+
+  upstream        nginx over TLS (h2 + http/1.1) answering the two routes, 401 without the key
+  direct          wrk straight to the upstream: the floor
+  nginx           nginx as the proxy
+  haproxy         HAProxy as the proxy
+  gateway         datafold-gateway, open callers, no rate limits
+  gateway-lua     the same gateway, driven through wrk's per-request Lua hook (one fixed request):
+                  what scenario 2's load script costs wrk, measured
+  gateway-many    scenario 2: 1,000 token callers, 100,000 data source ids, limits on but high
+
+Targets run in turn, round after round; each proxy is started fresh for each of its runs (so its
+peak RSS is that of one run) and stopped afterwards. The upstream stays up for the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+TEST_PATH = "/api/v1/data_sources/42/test"
+RESULT_PATH = "/api/v1/data_sources/test/123"
+CALLER_AUTH = "Bearer something"
+MANY_CALLERS = 1000
+MANY_IDS = 100_000
+TOKEN_NAME = "bench-caller-{:04d}"
+# Limits on, but far above anything loopback can reach: they must never refuse.
+HIGH_RATE = "1000000/s"
+HIGH_BURST = 1_000_000
+# Above the 100,000 distinct data source ids, so the key cap never refuses either.
+MANY_MAX_TRACKED_KEYS = 200_000
+
+SCENARIO1 = ["direct", "nginx", "haproxy", "gateway"]
+SCENARIO2 = ["gateway-lua", "gateway-many"]
+LABELS = {
+    "direct": "direct to upstream (floor)",
+    "nginx": "nginx proxy",
+    "haproxy": "HAProxy",
+    "gateway": "datafold-gateway",
+    "gateway-lua": "datafold-gateway, Lua-driven control",
+    "gateway-many": "datafold-gateway, 1,000 callers × 100,000 ids",
+}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchError(Exception):
+    pass
+
+
+# --- processes ------------------------------------------------------------------------------
+
+_running: list["Proc"] = []
+
+
+class Proc:
+    """A server we started, in its own session so that Ctrl-C reaches only bench.py, which then
+    stops it (and, through its process group, any workers it forked)."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, stdout: Path | None = None,
+                 env: dict[str, str] | None = None):
+        self.name = name
+        self.log = log
+        self.stdout_path = stdout
+        err = open(log, "ab")
+        out = open(stdout, "ab") if stdout else err
+        try:
+            self.popen = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env,
+                start_new_session=True,
+            )
+        finally:
+            err.close()
+            if stdout:
+                out.close()
+        self.pid = self.popen.pid
+        _running.append(self)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def stop(self) -> None:
+        if self in _running:
+            _running.remove(self)
+        if self.popen.poll() is None:
+            self._signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._signal(signal.SIGKILL)
+                self.popen.wait(timeout=5)
+        # Workers of a master that is gone (should not happen): same process group, our session.
+        self._signal(signal.SIGKILL, quiet=True)
+
+    def _signal(self, sig: int, quiet: bool = False) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            if not quiet:
+                raise
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_running)):
+        try:
+            proc.stop()
+        except Exception as exc:  # keep stopping the others
+            print(f"warning: could not stop {proc.name} ({proc.pid}): {exc}", file=sys.stderr)
+
+
+def _on_signal(signum, _frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# --- /proc ----------------------------------------------------------------------------------
+
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants (nginx master and workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                kids = Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                todo.extend(int(k) for k in kids)
+        except OSError:
+            pass
+    return out
+
+
+def vm_hwm_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+# --- small helpers --------------------------------------------------------------------------
+
+def free_ports(count: int) -> list[int]:
+    socks, ports = [], []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def fill(template: str, values: dict[str, str]) -> str:
+    text = (HERE / template).read_text()
+    for name, value in values.items():
+        text = text.replace(f"@{name}@", str(value))
+    left = sorted(set(re.findall(r"@[A-Z0-9_]+@", text)))
+    if left:
+        raise BenchError(f"{template}: no value for {', '.join(left)}")
+    return text
+
+
+def find_tool(name: str) -> str:
+    path = shutil.which(name)
+    for candidate in (path, f"/usr/sbin/{name}", f"/usr/local/sbin/{name}"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise BenchError(f"{name} not found (benches/run.sh installs it)")
+
+
+def command_output(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"unknown ({exc})"
+    return (done.stdout + done.stderr).strip()
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+@dataclass
+class Answer:
+    status: int
+    body: str
+
+
+def request(port: int, method: str, path: str, auth: str | None, tls: ssl.SSLContext | None = None,
+            timeout: float = 5.0) -> Answer:
+    if tls:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=tls)
+    else:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = auth
+    body = "{}" if method == "POST" else None
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return Answer(resp.status, resp.read().decode(errors="replace"))
+    finally:
+        conn.close()
+
+
+def wait_until(what: str, probe, proc: Proc | None, timeout: float = 30.0) -> None:
+    """Polls probe() until it returns True; fails early if proc exits."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and not proc.alive():
+            raise BenchError(f"{what}: process exited ({proc.popen.returncode}):\n{proc.tail()}")
+        try:
+            if probe():
+                return
+        except (OSError, http.client.HTTPException) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise BenchError(f"{what}: not ready after {timeout:.0f}s (last error: {last})"
+                     + (f"\n{proc.tail()}" if proc else ""))
+
+
+def port_open(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+# --- the bench ------------------------------------------------------------------------------
+
+@dataclass
+class Target:
+    name: str
+    script: str
+    url: str
+    env: dict[str, str]
+    log: Path | None = None  # the proxy's per-request log (audit) file
+    proc: Proc | None = None
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    work: Path
+    gateway_bin: str
+    nginx: str
+    haproxy: str
+    wrk: str
+    key: str = field(default_factory=lambda: "bench-key-" + secrets.token_hex(16))
+    checks: dict[str, list[dict]] = field(default_factory=dict)
+    upstream: Proc | None = None
+
+    def __post_init__(self):
+        (self.up_port, self.nginx_port, self.haproxy_port, self.gw_port, self.gw_admin,
+         self.many_port, self.many_admin) = free_ports(7)
+        self.key_file = self.work / "datafold-api-key"
+        self.key_file.write_text(self.key + "\n")
+        self.ca = self.work / "ca.pem"
+        self.tls = ssl.create_default_context(cafile=str(self.ca))
+        self.nginx_version = nginx_version_tuple(self.nginx)
+
+    # -- configs --
+
+    def common(self) -> dict[str, str]:
+        return {
+            "DIR": self.work,
+            "UPSTREAM_PORT": self.up_port,
+            "API_KEY": self.key,
+            "CA_CERT": self.ca,
+            "SERVER_CERT": self.work / "server.pem",
+            "SERVER_KEY": self.work / "server.key",
+            "WORKERS": self.args.workers,
+            "THREADS": self.args.workers,
+        }
+
+    def write_configs(self) -> None:
+        v = self.common()
+        # nginx 1.25.1 replaced `listen ... http2` with the `http2 on;` directive.
+        new_h2 = self.nginx_version >= (1, 25, 1)
+        v["HTTP2_LISTEN"] = "" if new_h2 else "http2"
+        v["HTTP2_DIRECTIVE"] = "http2 on;" if new_h2 else ""
+        for name in ("nginx-upstream", "nginx-proxy"):
+            for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+                (self.work / f"{name}.tmp" / sub).mkdir(parents=True, exist_ok=True)
+        (self.work / "nginx-upstream.conf").write_text(fill("nginx-upstream.conf.in", v))
+        (self.work / "nginx-proxy.conf").write_text(
+            fill("nginx-proxy.conf.in", v | {"LISTEN_PORT": self.nginx_port}))
+        (self.work / "haproxy.cfg").write_text(
+            fill("haproxy.cfg.in", v | {"LISTEN_PORT": self.haproxy_port}))
+
+        open_callers = '[callers]\nmode = "open"'
+        no_limits = "# No [rate_limit] sections: no limits."
+        (self.work / "gateway.toml").write_text(fill("gateway.toml.in", v | {
+            "LISTEN_PORT": self.gw_port, "ADMIN_PORT": self.gw_admin, "KEY_FILE": self.key_file,
+            "AUDIT_FILE": self.work / "gateway.audit.jsonl",
+            "CALLERS": open_callers, "RATE_LIMITS": no_limits,
+        }))
+        entries = ['[callers]\nmode = "token"']
+        for i in range(MANY_CALLERS):
+            token = TOKEN_NAME.format(i)
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            entries.append(f'[[callers.token]]\nname = "{token}"\nsha256 = "{digest}"')
+        limits = (
+            f"[rate_limit]\nmax_tracked_keys = {MANY_MAX_TRACKED_KEYS}\n\n"
+            f'[rate_limit.per_caller]\nrate = "{HIGH_RATE}"\nburst = {HIGH_BURST}\n\n'
+            f'[rate_limit.per_data_source]\nrate = "{HIGH_RATE}"\nburst = {HIGH_BURST}'
+        )
+        (self.work / "gateway-many.toml").write_text(fill("gateway.toml.in", v | {
+            "LISTEN_PORT": self.many_port, "ADMIN_PORT": self.many_admin,
+            "KEY_FILE": self.key_file, "AUDIT_FILE": self.work / "gateway-many.audit.jsonl",
+            "CALLERS": "\n\n".join(entries), "RATE_LIMITS": limits,
+        }))
+
+    def validate_configs(self) -> None:
+        run = lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        checks = [
+            ("nginx-upstream.conf", [self.nginx, "-t", "-p", str(self.work), "-e",
+                                     str(self.work / "nginx-check.log"),
+                                     "-c", str(self.work / "nginx-upstream.conf")]),
+            ("nginx-proxy.conf", [self.nginx, "-t", "-p", str(self.work), "-e",
+                                  str(self.work / "nginx-check.log"),
+                                  "-c", str(self.work / "nginx-proxy.conf")]),
+            ("haproxy.cfg", [self.haproxy, "-c", "-q", "-f", str(self.work / "haproxy.cfg")]),
+            ("gateway.toml", [self.gateway_bin, "check-config", "--config",
+                              str(self.work / "gateway.toml")]),
+            ("gateway-many.toml", [self.gateway_bin, "check-config", "--config",
+                                   str(self.work / "gateway-many.toml")]),
+        ]
+        for name, argv in checks:
+            done = run(argv)
+            if done.returncode != 0:
+                raise BenchError(f"{name} does not validate:\n{done.stdout}{done.stderr}")
+
+    # -- servers --
+
+    def nginx_argv(self, conf: str, errlog: str) -> list[str]:
+        return [self.nginx, "-p", str(self.work), "-e", str(self.work / errlog),
+                "-c", str(self.work / conf), "-g", "daemon off;"]
+
+    def start_upstream(self) -> None:
+        self.upstream = Proc("nginx-upstream",
+                             self.nginx_argv("nginx-upstream.conf", "nginx-upstream.error.log"),
+                             self.work / "nginx-upstream.stderr.log")
+        wait_until("upstream", lambda: request(self.up_port, "POST", TEST_PATH,
+                                               f"Key {self.key}", self.tls).status == 200,
+                   self.upstream)
+        up = self.up_port
+        self.record_checks("direct", [
+            ("POST test, right key", 200, lambda: request(up, "POST", TEST_PATH, f"Key {self.key}", self.tls)),
+            ("GET result, right key", 200, lambda: request(up, "GET", RESULT_PATH, f"Key {self.key}", self.tls)),
+            ("POST test, no Authorization", 401, lambda: request(up, "POST", TEST_PATH, None, self.tls)),
+            ("POST test, caller's Bearer", 401, lambda: request(up, "POST", TEST_PATH, CALLER_AUTH, self.tls)),
+            ("POST test, wrong key", 401, lambda: request(up, "POST", TEST_PATH, "Key wrong", self.tls)),
+        ])
+
+    def record_checks(self, target: str, cases) -> None:
+        results = []
+        for what, want, call in cases:
+            answer = call()
+            ok = answer.status == want
+            # A started test must come back with the upstream's own answer.
+            if ok and want == 200 and what.startswith("POST"):
+                ok = answer.body.replace(" ", "") == '{"job_id":123}'
+            results.append({"check": what, "want": want, "got": answer.status, "ok": ok})
+        self.checks.setdefault(target, [])
+        # Keep one set per target (the first start), but any failure later is kept too.
+        if not self.checks[target] or not all(r["ok"] for r in results):
+            self.checks[target].extend(results)
+        bad = [r for r in results if not r["ok"]]
+        if bad:
+            raise BenchError(f"{target}: checks failed: {bad}")
+
+    def proxy_checks(self, target: str, port: int, token: str = CALLER_AUTH) -> None:
+        cases = [
+            ("POST test with caller's Bearer: key injected", 200,
+             lambda: request(port, "POST", TEST_PATH, token)),
+            ("GET result", 200, lambda: request(port, "GET", RESULT_PATH, token)),
+            ("GET /api/v1/data_sources (not allowed)", 404,
+             lambda: request(port, "GET", "/api/v1/data_sources", token)),
+            ("POST /api/v1/data_sources/42 (not allowed)", 404,
+             lambda: request(port, "POST", "/api/v1/data_sources/42", token)),
+        ]
+        if target == "gateway-many":
+            # Token callers may read only their own jobs; unknown tokens are refused.
+            cases[1] = ("GET result of own job", 200, lambda: request(port, "GET", RESULT_PATH, token))
+            cases.append(("POST test with an unknown token", 401,
+                          lambda: request(port, "POST", TEST_PATH, "Bearer not-a-caller")))
+        self.record_checks(target, cases)
+
+    def start_target(self, name: str) -> Target:
+        w = self.work
+        if name == "direct":
+            return Target(name, "wrk-post.lua", f"https://127.0.0.1:{self.up_port}{TEST_PATH}",
+                          {"BENCH_AUTH": f"Key {self.key}"})
+        if name == "nginx":
+            log = w / "nginx-proxy.audit.jsonl"
+            proc = Proc(name, self.nginx_argv("nginx-proxy.conf", "nginx-proxy.error.log"),
+                        w / "nginx-proxy.stderr.log")
+            wait_until(name, lambda: port_open(self.nginx_port), proc)
+            self.proxy_checks(name, self.nginx_port)
+            return Target(name, "wrk-post.lua", f"http://127.0.0.1:{self.nginx_port}{TEST_PATH}",
+                          {"BENCH_AUTH": CALLER_AUTH}, log, proc)
+        if name == "haproxy":
+            log = w / "haproxy.audit.jsonl"
+            proc = Proc(name, [self.haproxy, "-db", "-f", str(w / "haproxy.cfg")],
+                        w / "haproxy.stderr.log", stdout=log)
+            wait_until(name, lambda: port_open(self.haproxy_port), proc)
+            self.proxy_checks(name, self.haproxy_port)
+            return Target(name, "wrk-post.lua", f"http://127.0.0.1:{self.haproxy_port}{TEST_PATH}",
+                          {"BENCH_AUTH": CALLER_AUTH}, log, proc)
+        if name in ("gateway", "gateway-lua", "gateway-many"):
+            many = name == "gateway-many"
+            conf = w / ("gateway-many.toml" if many else "gateway.toml")
+            port, admin = (self.many_port, self.many_admin) if many else (self.gw_port, self.gw_admin)
+            log = w / ("gateway-many.audit.jsonl" if many else "gateway.audit.jsonl")
+            env = os.environ.copy()
+            env.pop("RUST_LOG", None)
+            env.pop("DATAFOLD_API_KEY", None)
+            proc = Proc(name, [self.gateway_bin, "serve", "--config", str(conf)],
+                        w / f"{name}.stderr.log", env=env)
+            wait_until(name, lambda: request(admin, "GET", "/readyz", None).status == 200, proc)
+            self.proxy_checks(name, port,
+                              f"Bearer {TOKEN_NAME.format(7)}" if many else CALLER_AUTH)
+            url = f"http://127.0.0.1:{port}{TEST_PATH}"
+            if name == "gateway":
+                return Target(name, "wrk-post.lua", url, {"BENCH_AUTH": CALLER_AUTH}, log, proc)
+            counts = ({"BENCH_CALLERS": str(MANY_CALLERS), "BENCH_IDS": str(MANY_IDS)} if many
+                      else {"BENCH_CALLERS": "1", "BENCH_IDS": "1"})
+            return Target(name, "wrk-many-callers.lua", url, counts, log, proc)
+        raise BenchError(f"unknown target {name}")
+
+    # -- wrk --
+
+    def wrk_run(self, target: Target, seconds: float) -> tuple[dict, str]:
+        argv = [self.wrk, "-t", str(self.args.threads), "-c", str(self.args.connections),
+                "-d", f"{seconds}s", "--timeout", "5s", "--latency",
+                "-s", str(HERE / target.script), target.url]
+        env = os.environ.copy() | target.env
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env)
+        try:
+            out, _ = proc.communicate(timeout=seconds + 60)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise BenchError(f"wrk failed for {target.name} ({proc.returncode}):\n{out}")
+        match = re.search(r"^BENCH_RESULT (\{.*\})$", out, re.M)
+        if not match:
+            raise BenchError(f"no result line from wrk for {target.name}:\n{out}")
+        return json.loads(match.group(1)), out
+
+    def measure(self, name: str, round_no: int) -> dict:
+        target = self.start_target(name)
+        try:
+            if self.args.warmup > 0:
+                self.wrk_run(target, self.args.warmup)
+            pids = process_tree(target.proc.pid) if target.proc else []
+            up_pids = process_tree(self.upstream.pid)
+            lines_before = count_lines(target.log) if target.log else 0
+            up_offset = file_size(self.work / "nginx-upstream.access.log")
+            cpu_before = cpu_seconds(pids)
+            up_cpu_before = cpu_seconds(up_pids)
+            wrk_cpu_before = children_cpu_seconds()
+
+            result, raw = self.wrk_run(target, self.args.seconds)
+
+            cpu = cpu_seconds(pids) - cpu_before
+            up_cpu = cpu_seconds(up_pids) - up_cpu_before
+            wrk_cpu = children_cpu_seconds() - wrk_cpu_before
+            rss = {str(p): vm_hwm_kib(p) for p in process_tree(target.proc.pid)} if target.proc else {}
+        finally:
+            if target.proc:
+                target.proc.stop()
+        # The log is complete once the process has stopped (the gateway syncs it on shutdown).
+        logged = count_lines(target.log) - lines_before if target.log else None
+        upstream = upstream_view(self.work / "nginx-upstream.access.log", up_offset)
+        secs = result["duration_us"] / 1e6
+        run = {
+            "target": name,
+            "round": round_no,
+            "rps": result["requests"] / secs,
+            **result,
+            "socket_errors": sum(result[k] for k in
+                                 ("connect_errors", "read_errors", "write_errors", "timeouts")),
+            "peak_rss_kib": sum(rss.values()),
+            "rss_by_pid_kib": rss,
+            "proxy_cpu_s": cpu if target.proc else None,
+            "upstream_cpu_s": up_cpu,
+            "wrk_cpu_s": wrk_cpu,
+            "log_lines": logged,
+            "upstream_sampled": upstream,
+            "wrk_output": raw,
+        }
+        if target.log:
+            # Every request wrk counted must have its line (a few more: answers in flight when
+            # wrk stopped), and the lines must be JSON.
+            run["log_json_ok"] = last_line_is_json(target.log)
+            # A lower bound: lines of answers wrk did not count can make up for lost ones.
+            run["log_missing"] = max(0, result["requests"] - logged)
+            target.log.unlink(missing_ok=True)
+        return run
+
+
+def last_line_is_json(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, file_size(path) - 4096))
+            lines = f.read().splitlines()
+        return bool(lines) and isinstance(json.loads(lines[-1]), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def upstream_view(path: Path, offset: int) -> dict:
+    """What the upstream's sampled log says about one run: requests per protocol, and which
+    connections and workers served them (lower bounds: one request in 16 is logged)."""
+    protocols: dict[str, int] = {}
+    conns, workers = set(), set()
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            for line in f:
+                parts = line.decode(errors="replace").split()
+                if len(parts) >= 4:
+                    protocols[parts[1]] = protocols.get(parts[1], 0) + 1
+                    workers.add(parts[2])
+                    conns.add((parts[2], parts[3]))
+    except FileNotFoundError:
+        pass
+    return {"protocols": protocols, "connections": len(conns), "workers": len(workers)}
+
+
+def nginx_version_tuple(nginx: str) -> tuple[int, ...]:
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", command_output([nginx, "-v"]))
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+def summarize(runs: list[dict]) -> dict:
+    rps = [r["rps"] for r in runs]
+    per_req = lambda key: [r[key] / r["requests"] * 1e6 for r in runs
+                           if r.get(key) is not None and r["requests"]]
+    protocols: dict[str, int] = {}
+    for r in runs:
+        for k, v in r["upstream_sampled"]["protocols"].items():
+            protocols[k] = protocols.get(k, 0) + v
+    cpu = per_req("proxy_cpu_s")
+    return {
+        "rounds": len(runs),
+        "rps_median": statistics.median(rps),
+        "rps_min": min(rps),
+        "rps_max": max(rps),
+        "p50_us": statistics.median(r["p50_us"] for r in runs),
+        "p99_us": statistics.median(r["p99_us"] for r in runs),
+        "p99_us_worst": max(r["p99_us"] for r in runs),
+        "requests": sum(r["requests"] for r in runs),
+        "non2xx": sum(r["non2xx"] for r in runs),
+        "socket_errors": sum(r["socket_errors"] for r in runs),
+        "peak_rss_kib": max(r["peak_rss_kib"] for r in runs),
+        "proxy_cpu_us_per_req": statistics.median(cpu) if cpu else None,
+        "upstream_cpu_us_per_req": statistics.median(per_req("upstream_cpu_s")),
+        "wrk_cpu_us_per_req": statistics.median(per_req("wrk_cpu_s")),
+        "log_json_ok": all(r.get("log_json_ok", True) for r in runs),
+        "log_missing": (sum(r["log_missing"] for r in runs)
+                        if all("log_missing" in r for r in runs) else None),
+        "upstream_protocols_sampled": protocols,
+        "upstream_connections_max": max(r["upstream_sampled"]["connections"] for r in runs),
+        "upstream_workers_max": max(r["upstream_sampled"]["workers"] for r in runs),
+    }
+
+
+def fmt_ms(us: float) -> str:
+    return f"{us / 1000:.2f} ms"
+
+
+def fmt_mib(kib: int) -> str:
+    return f"{kib / 1024:.1f} MiB" if kib else "–"
+
+
+def fmt_rps(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b else "–"
+
+
+def per_round_ratios(runs: list[dict], num: str, den: str) -> list[float]:
+    by = {}
+    for r in runs:
+        by.setdefault(r["round"], {})[r["target"]] = r["rps"]
+    return [round(v[num] / v[den], 2) for _, v in sorted(by.items()) if num in v and den in v]
+
+
+def report(meta: dict, summary: dict[str, dict], runs: list[dict], checks: dict) -> str:
+    out = []
+    add = out.append
+    add("# datafold-gateway side-by-side benchmark")
+    add("")
+    add(f"- date: {meta['date']}")
+    add(f"- machine: {meta['nproc']} cores (nproc), {meta['cpu']}, {meta['mem']}, kernel {meta['kernel']}")
+    add(f"- versions: {meta['versions']['nginx']}; {meta['versions']['haproxy']}; "
+        f"{meta['versions']['wrk']}; datafold-gateway {meta['versions']['gateway']}")
+    add(f"- load: wrk -t{meta['threads']} -c{meta['connections']}, POST `{{}}` with "
+        f"`Authorization: {CALLER_AUTH}`; {meta['rounds']} rounds × {meta['seconds']} s "
+        f"(+{meta['warmup']} s warm-up per run); targets in turn each round: "
+        + ", ".join(meta["order"]))
+    add(f"- proxies: nginx worker_processes {meta['workers']}, HAProxy nbthread {meta['workers']}, "
+        "gateway: tokio multi-thread runtime (one worker per core); every proxy logs one JSON line "
+        "per request to a file and verifies the upstream's certificate")
+    add("- everything (wrk, upstream, proxy) shares the same cores: compare ratios within this run only")
+    add("")
+
+    add("## Scenario 1: one caller, one data source")
+    add("")
+    add("| target | req/s (median) | req/s (min–max) | p50 | p99 | non-2xx | socket errors "
+        "| peak RSS | proxy CPU/req | log lines missing | to upstream |")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for name in SCENARIO1:
+        s = summary.get(name)
+        if s:
+            add(table_row(name, s))
+    add("")
+    gw, ng, hp, fl = (summary.get(k) for k in ("gateway", "nginx", "haproxy", "direct"))
+    if gw:
+        parts = []
+        if ng:
+            parts.append(f"gateway/nginx **{ratio(gw['rps_median'], ng['rps_median'])}** "
+                         f"(per round: {per_round_ratios(runs, 'gateway', 'nginx')})")
+        if hp:
+            parts.append(f"gateway/HAProxy **{ratio(gw['rps_median'], hp['rps_median'])}** "
+                         f"(per round: {per_round_ratios(runs, 'gateway', 'haproxy')})")
+        if fl:
+            parts.append(f"gateway/floor {ratio(gw['rps_median'], fl['rps_median'])}")
+        add("Throughput ratios (medians of this run): " + "; ".join(parts) + ".")
+        add("")
+
+    if "gateway-many" in summary:
+        add("## Scenario 2: 1,000 token callers × 100,000 data source ids, per-caller and "
+            "per-data-source limits on (never refusing)")
+        add("")
+        add("| target | req/s (median) | req/s (min–max) | p50 | p99 | non-2xx | socket errors "
+            "| peak RSS | proxy CPU/req | log lines missing | to upstream |")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        for name in ["gateway", *SCENARIO2]:
+            if name in summary:
+                add(table_row(name, summary[name]))
+        add("")
+        many = summary["gateway-many"]
+        lines = []
+        if gw:
+            r = many["rps_median"] / gw["rps_median"]
+            verdict = "within 10%" if r >= 0.9 else "MORE than 10% slower"
+            growth = many["peak_rss_kib"] - gw["peak_rss_kib"]
+            lines.append(f"many callers / scenario 1 gateway: throughput **{r:.2f}** ({verdict}; "
+                         f"per round: {per_round_ratios(runs, 'gateway-many', 'gateway')}), "
+                         f"peak RSS {fmt_mib(many['peak_rss_kib'])} vs {fmt_mib(gw['peak_rss_kib'])} "
+                         f"(**{growth / 1024:+.1f} MiB**, {growth / gw['peak_rss_kib'] * 100:+.0f}%)")
+        ctl = summary.get("gateway-lua")
+        if ctl:
+            line = (f"many callers / Lua-driven control (same wrk cost per request; one caller, "
+                    f"one id, open mode, no limits): **{ratio(many['rps_median'], ctl['rps_median'])}** "
+                    f"(per round: {per_round_ratios(runs, 'gateway-many', 'gateway-lua')})")
+            if gw:
+                line += (f"; wrk CPU/req {ctl['wrk_cpu_us_per_req']:.1f} µs with the Lua hook vs "
+                         f"{gw['wrk_cpu_us_per_req']:.1f} µs without")
+            lines.append(line)
+        for line in lines:
+            add(f"- {line}")
+        add("")
+
+    add("## Checks")
+    add("")
+    add("Before each run every target answered these as expected (a proxy that fails to inject the "
+        "key gets 401 from the upstream):")
+    add("")
+    add("| target | check → status |")
+    add("|---|---|")
+    for target, results in checks.items():
+        cells = [f"{r['check']} → {r['got']}" + ("" if r["ok"] else f" ✗ (want {r['want']})")
+                 for r in results]
+        add(f"| {target} | {'; '.join(cells)} |")
+    add("")
+    problems = [f"{LABELS[n]}: {s['non2xx']} non-2xx, {s['socket_errors']} socket errors"
+                + ("" if s["log_json_ok"] else ", log lines that are not JSON")
+                for n, s in summary.items() if failed(n, s)]
+    if problems:
+        add("**Problems:** " + "; ".join(problems))
+    else:
+        add("All targets: 0 non-2xx, 0 socket errors, log/audit lines are JSON.")
+    short = [f"{LABELS[n]} at least {s['log_missing']:,} of {s['requests']:,}"
+             for n, s in summary.items() if s["log_missing"]]
+    if short:
+        add("")
+        add("Log lines missing (fewer lines than requests wrk counted): " + "; ".join(short) + "."
+            + (" HAProxy drops a log line rather than block when its threads collide on the log "
+               "file descriptor (`log stdout`), so its log is not a complete audit trail under "
+               "load." if summary.get("haproxy", {}).get("log_missing") else ""))
+    else:
+        add("")
+        add("Every target logged at least one line per request wrk counted.")
+    add("")
+    add("Columns: req/s = requests ÷ wrk's measured duration; p50/p99 = wrk --latency, median over "
+        "rounds; non-2xx and socket errors summed over rounds; peak RSS = VmHWM, max over rounds "
+        "(nginx: master + workers summed); proxy CPU/req = user+system CPU of the proxy's processes "
+        "during the measured run ÷ requests; log lines missing = requests wrk counted minus lines "
+        "the proxy logged during the run (a lower bound); to upstream = the protocols the upstream saw from that "
+        "target, over how many connections and upstream workers (one request in 16 sampled, so "
+        "the counts are lower bounds).")
+    return "\n".join(out) + "\n"
+
+
+def failed(name: str, s: dict) -> bool:
+    """Errors fail the run; so does a gateway audit trail with a line missing (the gateway
+    promises one line per answer). nginx's and HAProxy's logs are reported, not judged."""
+    gateway_short = name.startswith("gateway") and s["log_missing"]
+    return bool(s["non2xx"] or s["socket_errors"] or not s["log_json_ok"] or gateway_short)
+
+
+def table_row(name: str, s: dict) -> str:
+    seen = s["upstream_protocols_sampled"]
+    total = sum(seen.values())
+    protos = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(seen.items())) if total else "–"
+    if total:
+        protos += (f"; {s['upstream_connections_max']} conn, "
+                   f"{s['upstream_workers_max']} worker{'s' if s['upstream_workers_max'] > 1 else ''}")
+    cpu = f"{s['proxy_cpu_us_per_req']:.1f} µs" if s["proxy_cpu_us_per_req"] is not None else "–"
+    missing = "–" if s["log_missing"] is None else f"{s['log_missing']:,}"
+    return (f"| {LABELS[name]} | **{fmt_rps(s['rps_median'])}** | "
+            f"{fmt_rps(s['rps_min'])}–{fmt_rps(s['rps_max'])} | {fmt_ms(s['p50_us'])} | "
+            f"{fmt_ms(s['p99_us'])} | {s['non2xx']} | {s['socket_errors']} | "
+            f"{fmt_mib(s['peak_rss_kib'])} | {cpu} | {missing} | {protos} |")
+
+
+def machine_meta(bench: Bench) -> dict:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown memory"
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split("\n")[0].split()[1])
+        mem = f"{kib / 1024 / 1024:.1f} GiB RAM"
+    except (OSError, ValueError, IndexError):
+        pass
+    wrk_v = command_output([bench.wrk, "-v"]).splitlines()
+    haproxy_v = command_output([bench.haproxy, "-v"]).splitlines()
+    git = command_output(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"])
+    dirty = command_output(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"])
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem": mem,
+        "kernel": platform.release(),
+        "versions": {
+            "nginx": command_output([bench.nginx, "-v"]).replace("nginx version: ", ""),
+            "haproxy": haproxy_v[0] if haproxy_v else "unknown",
+            "wrk": wrk_v[0].split(" Copyright")[0] if wrk_v else "unknown",
+            "gateway": f"{git}{' (uncommitted changes)' if dirty else ''}",
+        },
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="about a minute: 2 rounds of 3 s (+1 s warm-up)")
+    p.add_argument("--rounds", type=int, help="rounds over all targets (default 5, quick 2)")
+    p.add_argument("--seconds", type=float, help="measured seconds per run (default 8, quick 3)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before each run (default 2, quick 1)")
+    p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="wrk threads")
+    p.add_argument("--workers", type=int, default=2,
+                   help="nginx worker_processes and HAProxy nbthread (default 2)")
+    p.add_argument("--scenario1-only", action="store_true", help="skip the many-callers scenario")
+    p.add_argument("--results", default=str(HERE / "results"), help="where latest.md/json go")
+    p.add_argument("--gateway", required=True, help="the release binary (run.sh passes it)")
+    p.add_argument("--workdir", required=True, help="temp dir with ca.pem, server.pem, server.key")
+    p.add_argument("--keep-workdir", action="store_true", help="(run.sh) keep the temp dir")
+    args = p.parse_args()
+    quick = args.quick
+    args.rounds = args.rounds or (2 if quick else 5)
+    args.seconds = args.seconds or (3 if quick else 8)
+    args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
+    if args.rounds < 1 or args.seconds <= 0:
+        p.error("--rounds and --seconds must be positive")
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)
+    order = SCENARIO1 + ([] if args.scenario1_only else SCENARIO2)
+    try:
+        bench = Bench(args, Path(args.workdir).resolve(), args.gateway, find_tool("nginx"),
+                      find_tool("haproxy"), find_tool("wrk"))
+        bench.write_configs()
+        bench.validate_configs()
+        meta = machine_meta(bench) | {
+            "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
+            "threads": args.threads, "connections": args.connections, "workers": args.workers,
+            "order": order,
+        }
+        est = args.rounds * len(order) * (args.seconds + args.warmup + 0.7)
+        print(f"==> {args.rounds} rounds × {len(order)} targets, about {est / 60:.1f} min",
+              file=sys.stderr)
+        bench.start_upstream()
+        runs = []
+        for round_no in range(1, args.rounds + 1):
+            for name in order:
+                run = bench.measure(name, round_no)
+                runs.append(run)
+                print(f"    round {round_no} {name:13} {run['rps']:10,.0f} req/s  "
+                      f"p99 {fmt_ms(run['p99_us']):>9}  non-2xx {run['non2xx']}  "
+                      f"sock {run['socket_errors']}  rss {fmt_mib(run['peak_rss_kib'])}",
+                      file=sys.stderr)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping everything", file=sys.stderr)
+        stop_all()
+        return 130
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        stop_all()
+        return 1
+    finally:
+        stop_all()
+
+    summary = {name: summarize([r for r in runs if r["target"] == name]) for name in order}
+    text = report(meta, summary, runs, bench.checks)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "latest.md").write_text(text)
+    (results / "latest.json").write_text(json.dumps(
+        {"meta": meta, "summary": summary, "checks": bench.checks, "runs": runs}, indent=1) + "\n")
+    print(text)
+    print(f"(saved to {results / 'latest.md'} and latest.json)", file=sys.stderr)
+    return 1 if any(failed(n, s) for n, s in summary.items()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
