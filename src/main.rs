@@ -147,3 +147,6 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
         }
     })
 }
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

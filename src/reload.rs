@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::Mutex;
 
 use crate::audit::AuditLog;
 use crate::config::{ApiKeySource, Config};
@@ -187,7 +186,6 @@ fn describe(source: &ApiKeySource) -> String {
 
 /// Watches a file's folder for as long as it is kept.
 pub struct FolderWatch {
-    _watcher: notify::RecommendedWatcher,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -220,48 +218,70 @@ pub fn watch_config_file(config_file: &Path, control: Control) -> Result<FolderW
     })
 }
 
-/// Runs `on_change` after something changes `file` in its folder. Watching the folder, not the
+/// Runs `on_change` after something replaces `file` in its folder. Watching the folder, not the
 /// file, catches a Kubernetes Secret or ConfigMap update, which swaps a `..data` symlink beside
-/// the file. Changes come in bursts; `on_change` runs once a burst has settled.
+/// the file. Only events that can replace a file are asked for (created, moved, deleted, closed
+/// after writing), not every write: an audit file in the same folder must not wake this. Changes
+/// come in bursts; `on_change` runs once a burst has settled.
+#[cfg(target_os = "linux")]
 fn watch_file<F, Fut>(what: &str, file: &Path, on_change: F) -> Result<FolderWatch, String>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
+    use futures_util::StreamExt;
+    use inotify::{Inotify, WatchMask};
+
     let folder = match file.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
         _ => PathBuf::from("."),
     };
+    let cannot = |e: std::io::Error| format!("{what}: cannot watch {}: {e}", folder.display());
+    let inotify = Inotify::init().map_err(cannot)?;
+    inotify
+        .watches()
+        .add(
+            &folder,
+            WatchMask::CREATE
+                | WatchMask::MOVED_TO
+                | WatchMask::MOVED_FROM
+                | WatchMask::DELETE
+                | WatchMask::CLOSE_WRITE,
+        )
+        .map_err(cannot)?;
+    let mut events = inotify.into_event_stream([0u8; 4096]).map_err(cannot)?;
     let name = file.file_name().map(|n| n.to_owned());
-    let (tx, mut changes) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        let Ok(event) = event else { return };
-        // Only the file itself, or the kubelet's `..data` and `..<timestamp>` entries: other
-        // files in the folder (an audit file, say) change all the time.
-        let relevant = event.paths.iter().any(|path| {
-            let changed = path.file_name();
-            changed == name.as_deref()
-                || changed.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
-        });
-        if relevant {
-            // A full channel already holds a wake-up; one is enough.
-            let _ = tx.try_send(());
-        }
-    })
-    .map_err(|e| format!("{what}: cannot watch {}: {e}", folder.display()))?;
-    watcher
-        .watch(&folder, RecursiveMode::NonRecursive)
-        .map_err(|e| format!("{what}: cannot watch {}: {e}", folder.display()))?;
+    // Only the file itself, or the kubelet's `..data` and `..<timestamp>` entries.
+    let relevant = move |changed: Option<&std::ffi::OsStr>| {
+        changed == name.as_deref()
+            || changed.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
+    };
+    tracing::debug!(folder = %folder.display(), "watching {}'s folder", what);
+    let what = what.to_owned();
     let task = tokio::spawn(async move {
-        while changes.recv().await.is_some() {
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) if relevant(event.name.as_deref()) => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "stopped watching {what}'s folder; use SIGHUP");
+                    return;
+                }
+            }
+            // Let the burst settle, then take whatever else has arrived meanwhile.
             tokio::time::sleep(SETTLE).await;
-            while changes.try_recv().is_ok() {}
+            while let Some(Some(_)) = futures_util::FutureExt::now_or_never(events.next()) {}
             on_change().await;
         }
     });
-    tracing::debug!(folder = %folder.display(), "watching {what}'s folder");
-    Ok(FolderWatch {
-        _watcher: watcher,
-        task,
-    })
+    Ok(FolderWatch { task })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn watch_file<F, Fut>(what: &str, _: &Path, _: F) -> Result<FolderWatch, String>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    Err(format!("{what}: watching a folder needs Linux (inotify)"))
 }

@@ -336,19 +336,22 @@ pub fn strip_hop_by_hop<B>(mut request: Request<B>) -> Request<B> {
     request
 }
 
-/// Removes hop-by-hop headers, including any that `Connection` names.
+/// Removes hop-by-hop headers, including any that `Connection` names. One pass over the
+/// headers present: most messages carry none of these, and then nothing is looked up or removed.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for (name, value) in headers.iter() {
+        if name == CONNECTION {
+            let named = value.to_str().ok().into_iter().flat_map(|v| v.split(','));
+            doomed.extend(named.filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok()));
+        }
+        if (HOP_BY_HOP.contains(name) || name == header::UPGRADE) && !doomed.contains(name) {
+            doomed.push(name.clone());
+        }
+    }
+    for name in doomed {
         headers.remove(name);
     }
-    headers.remove(header::UPGRADE);
 }
 
 #[cfg(test)]

@@ -40,6 +40,13 @@ pub struct RequestTasks {
 
 #[derive(Debug, Clone)]
 pub struct AuditLayer {
+    shared: Arc<Shared>,
+}
+
+/// What every request's audit step uses; one `Arc`, so that the per-request clone of the stack
+/// costs one reference count here, not one per handle.
+#[derive(Debug)]
+struct Shared {
     log: AuditLog,
     tasks: RequestTasks,
     metrics: Metrics,
@@ -55,10 +62,12 @@ impl AuditLayer {
         on_failure: OnAuditFailure,
     ) -> Self {
         Self {
-            log,
-            tasks,
-            metrics,
-            refuse_unaudited: on_failure == OnAuditFailure::Refuse,
+            shared: Arc::new(Shared {
+                log,
+                tasks,
+                metrics,
+                refuse_unaudited: on_failure == OnAuditFailure::Refuse,
+            }),
         }
     }
 }
@@ -69,10 +78,7 @@ impl<S> Layer<S> for AuditLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Audit {
             inner,
-            log: self.log.clone(),
-            tasks: self.tasks.clone(),
-            metrics: self.metrics.clone(),
-            refuse_unaudited: self.refuse_unaudited,
+            shared: self.shared.clone(),
         }
     }
 }
@@ -80,10 +86,7 @@ impl<S> Layer<S> for AuditLayer {
 #[derive(Debug, Clone)]
 pub struct Audit<S> {
     inner: S,
-    log: AuditLog,
-    tasks: RequestTasks,
-    metrics: Metrics,
-    refuse_unaudited: bool,
+    shared: Arc<Shared>,
 }
 
 /// What the audit record needs from the request, taken before the request moves inward.
@@ -127,16 +130,14 @@ where
         };
         // While the last write failed, nothing is forwarded that might not be audited. The
         // refusal is itself a write attempt: once one succeeds, requests flow again.
-        let work = if self.refuse_unaudited && !self.log.is_healthy() {
+        let work = if self.shared.refuse_unaudited && !self.shared.log.is_healthy() {
             None
         } else {
             Some(self.inner.call(request))
         };
-        let log = self.log.clone();
-        let metrics = self.metrics.clone();
-        let cancel = self.tasks.cancel.clone();
-        let task = self.tasks.tracker.spawn(async move {
-            let _in_flight = InFlight::start(&metrics);
+        let shared = self.shared.clone();
+        let task = self.shared.tasks.tracker.spawn(async move {
+            let _in_flight = InFlight::start(&shared.metrics);
             let response = match work {
                 None => error::audit_unavailable(),
                 Some(work) => {
@@ -150,11 +151,11 @@ where
                                 error::internal_error()
                             }
                         },
-                        () = cancel.cancelled() => error::shutting_down(),
+                        () = shared.tasks.cancel.cancelled() => error::shutting_down(),
                     }
                 }
             };
-            write_record(seen, response, &log, &metrics).await
+            write_record(seen, response, &shared.log, &shared.metrics).await
         });
         Box::pin(async move {
             Ok(task.await.unwrap_or_else(|e| {
@@ -166,16 +167,16 @@ where
 }
 
 /// Counts a request in `datafold_gateway_in_flight_requests` until dropped.
-struct InFlight(Metrics);
+struct InFlight<'a>(&'a Metrics);
 
-impl InFlight {
-    fn start(metrics: &Metrics) -> Self {
+impl<'a> InFlight<'a> {
+    fn start(metrics: &'a Metrics) -> Self {
         metrics.in_flight.inc();
-        Self(metrics.clone())
+        Self(metrics)
     }
 }
 
-impl Drop for InFlight {
+impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.dec();
     }

@@ -13,13 +13,9 @@ const MAX_LEN: usize = 128;
 
 /// Removes the caller's request id unless it is 1–128 characters of `[A-Za-z0-9._:-]`.
 pub fn drop_unusable_request_id<B>(mut request: Request<B>) -> Request<B> {
-    let usable = match request
-        .headers()
-        .get_all(X_REQUEST_ID)
-        .iter()
-        .collect::<Vec<_>>()[..]
-    {
-        [value] => is_sane(value),
+    let mut ids = request.headers().get_all(X_REQUEST_ID).iter();
+    let usable = match (ids.next(), ids.next()) {
+        (Some(value), None) => is_sane(value),
         _ => false,
     };
     if !usable {
