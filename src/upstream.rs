@@ -319,7 +319,7 @@ impl Shared {
 }
 
 /// Headers that describe one connection, not the message: never passed on, either way.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),

@@ -6,10 +6,11 @@
 //! ids, outcome, limit, upstream status). The facts are taken off the response: they are
 //! internal and never leave the gateway.
 //!
-//! Each request runs to its end in a task of its own, tracked by [`RequestTasks`]: a caller that
-//! hangs up does not cancel a test that Datafold may already have started, and its record still
-//! says what happened. Only shutdown cancels requests, once `limits.shutdown_grace` has run out;
-//! they are answered 503 and audited with outcome `aborted`.
+//! Each request runs to its end: in its connection's task while the caller waits, and in a task
+//! of its own, tracked by [`RequestTasks`], if the caller hangs up. A test that Datafold may
+//! already have started is not cancelled by a hang-up, and its record still says what happened.
+//! Only shutdown cancels requests, once `limits.shutdown_grace` has run out; they are answered
+//! 503 and audited with outcome `aborted`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -106,7 +107,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+    type Future = Audited;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -136,7 +137,8 @@ where
             Some(self.inner.call(request))
         };
         let shared = self.shared.clone();
-        let task = self.shared.tasks.tracker.spawn(async move {
+        let tracker = self.shared.tasks.tracker.clone();
+        let work = Box::pin(async move {
             let _in_flight = InFlight::start(&shared.metrics);
             let response = match work {
                 None => error::audit_unavailable(),
@@ -157,12 +159,42 @@ where
             };
             write_record(seen, response, &shared.log, &shared.metrics).await
         });
-        Box::pin(async move {
-            Ok(task.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "the audit step of a request failed");
-                error::internal_error()
-            }))
-        })
+        Audited {
+            work: Some(work),
+            tracker,
+        }
+    }
+}
+
+/// A request and its audit record, run in the connection's own task. Should the caller hang up
+/// first (the future is dropped unfinished), the rest of the work moves to a task of its own,
+/// tracked for shutdown: the request still runs to its end and is audited. Running inline
+/// otherwise spares every request a task of its own and the wake-ups between the two.
+pub struct Audited {
+    work: Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>,
+    tracker: TaskTracker,
+}
+
+impl Future for Audited {
+    type Output = Result<Response<Body>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(work) = self.work.as_mut() else {
+            return Poll::Ready(Ok(error::internal_error()));
+        };
+        let response = std::task::ready!(work.as_mut().poll(cx));
+        self.work = None;
+        Poll::Ready(Ok(response))
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(self.tracker.track_future(work));
+            }
+        }
     }
 }
 
