@@ -145,11 +145,22 @@ impl AuditLog {
         })?;
         let (tx, rx) = mpsc::unbounded_channel();
         let healthy = Arc::new(AtomicBool::new(true));
+        let stdout = if options.stdout {
+            Some(stdout_writer().map_err(|e| AuditError {
+                path: path.to_owned(),
+                source: e,
+            })?)
+        } else {
+            None
+        };
         let writer = Writer {
+            // A crash in the middle of a write may have left half a line.
+            torn: !ends_a_line(&file),
             file,
             path: path.to_owned(),
             options,
             healthy: healthy.clone(),
+            stdout,
         };
         thread::Builder::new()
             .name("audit-writer".into())
@@ -206,7 +217,8 @@ impl AuditLog {
 
 fn open_append(path: &Path) -> io::Result<File> {
     let mut options = OpenOptions::new();
-    options.append(true).create(true);
+    // Readable too, to look at how the file ends after a failed write.
+    options.append(true).create(true).read(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o640);
     options.open(path)
@@ -217,6 +229,41 @@ struct Writer {
     path: PathBuf,
     options: WriterOptions,
     healthy: Arc<AtomicBool>,
+    /// The last write failed part-way and may have left half a line: start the next on a line
+    /// of its own, so that the half line does not swallow a good record.
+    torn: bool,
+    /// Batches for stdout, written by a thread of their own so that a stalled stdout pipe
+    /// cannot hold up the file or the requests waiting on it.
+    stdout: Option<std::sync::mpsc::SyncSender<Arc<[u8]>>>,
+}
+
+/// Whether `file` is empty or ends with a newline (also when it cannot be read, such as
+/// `/dev/full`: nothing to mend there).
+fn ends_a_line(file: &File) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return true;
+    };
+    let mut last = [0u8];
+    len == 0 || !matches!(file.read_at(&mut last, len - 1), Ok(1) if last[0] != b'\n')
+}
+
+/// Batches queued for stdout at most; past it they are dropped (and logged), not waited for.
+const STDOUT_QUEUE: usize = 1024;
+
+fn stdout_writer() -> io::Result<std::sync::mpsc::SyncSender<Arc<[u8]>>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<[u8]>>(STDOUT_QUEUE);
+    thread::Builder::new()
+        .name("audit-stdout".into())
+        .spawn(move || {
+            for batch in rx {
+                let mut stdout = io::stdout().lock();
+                if let Err(e) = stdout.write_all(&batch).and_then(|()| stdout.flush()) {
+                    tracing::error!(error = %e, "cannot write audit records to stdout");
+                }
+            }
+        })?;
+    Ok(tx)
 }
 
 impl Writer {
@@ -270,7 +317,11 @@ impl Writer {
 
     /// Writes one batch of `records` records; `false` if the file did not take it.
     fn write(&mut self, batch: &[u8], records: usize) -> bool {
-        let ok = match self.file.write_all(batch) {
+        let mut result = Ok(());
+        if self.torn {
+            result = self.file.write_all(b"\n");
+        }
+        let ok = match result.and_then(|()| self.file.write_all(batch)) {
             Ok(()) => true,
             Err(e) => {
                 self.options.errors.inc_by(records as u64);
@@ -278,11 +329,15 @@ impl Writer {
                 false
             }
         };
+        // Only a failure can leave half a line; then look at how the file ends.
+        self.torn = !ok && !ends_a_line(&self.file);
         self.healthy.store(ok, Ordering::Relaxed);
-        if self.options.stdout {
-            let mut stdout = io::stdout().lock();
-            if let Err(e) = stdout.write_all(batch).and_then(|()| stdout.flush()) {
-                tracing::error!(error = %e, records, "cannot write audit records to stdout");
+        if let Some(stdout) = &self.stdout {
+            if stdout.try_send(Arc::from(batch)).is_err() {
+                tracing::error!(
+                    records,
+                    "audit records not copied to stdout: it is not keeping up"
+                );
             }
         }
         ok
@@ -295,6 +350,7 @@ impl Writer {
                     tracing::warn!(file = %self.path.display(), error = %e, "cannot sync the audit file being closed");
                 }
                 self.file = file;
+                self.torn = !ends_a_line(&self.file);
                 tracing::info!(file = %self.path.display(), "audit file reopened");
                 Ok(())
             }
@@ -304,6 +360,9 @@ impl Writer {
                     self.path.display()
                 );
                 tracing::error!("{message}");
+                // Records still reach the file open before (which rotation moved away); counted
+                // so that an alert on write errors sees that something is wrong.
+                self.options.errors.inc();
                 Err(message)
             }
         }
@@ -424,6 +483,27 @@ mod tests {
         assert!(!log.is_healthy());
         assert_eq!(errors.get(), 1);
         log.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_half_written_line_does_not_swallow_the_next_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        assert!(log.append(&record(200)).await);
+        // As a write cut short by a full disk leaves it.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"ts\":\"2026-")
+            .unwrap();
+        log.reopen().await.unwrap();
+        assert!(log.append(&record(201)).await);
+        log.close().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(last["status"], 201);
     }
 
     #[test]

@@ -139,7 +139,8 @@ impl FromStr for UpstreamUrl {
             .cloned()
             .ok_or_else(|| format!("`{s}` has no host"))?;
         if authority.as_str().contains('@') {
-            return Err(format!("`{s}` must not carry user information"));
+            // Not quoted: the user information may be a password.
+            return Err("the URL must not carry user information (user:password@)".to_owned());
         }
         if uri.query().is_some() {
             return Err(format!("`{s}` must not carry a query string"));
@@ -192,7 +193,13 @@ impl<'de> Deserialize<'de> for ApiKeySource {
             Raw {
                 env: Some(name),
                 file: None,
-            } if !name.is_empty() => Ok(Self::Env(name)),
+            } if is_variable_name(&name) => Ok(Self::Env(name)),
+            Raw {
+                env: Some(_),
+                file: None,
+            } => Err(serde::de::Error::custom(
+                "`env` must name an environment variable (capitals, digits and _, like DATAFOLD_API_KEY), not hold the key itself",
+            )),
             Raw {
                 env: None,
                 file: Some(path),
@@ -208,6 +215,16 @@ impl<'de> Deserialize<'de> for ApiKeySource {
             )),
         }
     }
+}
+
+/// A conventional environment variable name: capitals, digits and `_`. Anything else is refused
+/// without being quoted, since the likeliest mistake is the key itself pasted in its place.
+fn is_variable_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_uppercase() || c == '_')
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -303,9 +320,11 @@ impl FromStr for TokenDigest {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // The value is never quoted: a token pasted here by mistake must not reach a log.
         let bad = || {
             format!(
-                "`{s}` is not a SHA-256 digest: write 64 hex characters (datafold-gateway hash-token prints one)"
+                "not a SHA-256 digest ({} characters): write the 64 hex characters that datafold-gateway hash-token prints, never the token itself",
+                s.chars().count()
             )
         };
         if s.len() != 64 || !s.is_ascii() {
@@ -552,10 +571,25 @@ impl Config {
         let de = toml::Deserializer::new(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
+            let error = e.into_inner();
+            // The position, not the offending line: that line may hold a secret pasted into
+            // the wrong key.
+            let message = match error.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                    format!(
+                        "line {line}, column {column}: {}",
+                        error.message().trim_end()
+                    )
+                }
+                None => error.message().trim_end().to_owned(),
+            };
             ConfigError {
                 file: path.to_owned(),
                 key: (key != ".").then_some(key),
-                message: e.into_inner().to_string().trim_end().to_owned(),
+                message,
             }
         })?;
         config.validate(path)?;
@@ -908,6 +942,21 @@ mod tests {
             assert!(err.contains("callers.token[0].sha256"), "{err}");
             assert!(err.contains("hash-token"), "{err}");
         }
+    }
+
+    #[test]
+    fn a_token_pasted_as_a_digest_is_not_quoted_back() {
+        let token = "dfgw_9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a39281706f5e4d3c2b1a0";
+        let err = parse(&token_config(&[("a", token)])).unwrap_err();
+        assert!(err.contains("callers.token[0].sha256"), "{err}");
+        assert!(!err.contains(&token[5..20]), "{err}");
+        let err = parse("[api_key]\nenv = \"dfk_live_SECRET_9a8b\"\n").unwrap_err();
+        assert!(err.contains("api_key") && !err.contains("SECRET"), "{err}");
+        let err = parse("[upstream]\nurl = \"https://u:hunter2@x.example\"\n").unwrap_err();
+        assert!(
+            err.contains("upstream.url") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -49,7 +49,8 @@ pub struct Control {
 }
 
 struct Inner {
-    config_path: Option<PathBuf>,
+    /// Set once by whoever knows the file (`serve`); without it, only the key is reloaded.
+    config_path: std::sync::OnceLock<PathBuf>,
     /// The configuration in effect, with the reloadable sections as last reloaded.
     config: Mutex<Arc<Config>>,
     key: SharedKey,
@@ -60,10 +61,10 @@ struct Inner {
 }
 
 impl Control {
-    pub(crate) fn new(config_path: Option<PathBuf>, parts: &StackParts) -> Self {
+    pub(crate) fn new(parts: &StackParts) -> Self {
         Self {
             inner: Arc::new(Inner {
-                config_path,
+                config_path: std::sync::OnceLock::new(),
                 config: Mutex::new(parts.config.clone()),
                 key: parts.key.clone(),
                 callers: parts.callers.clone(),
@@ -72,6 +73,11 @@ impl Control {
                 metrics: parts.metrics.clone(),
             }),
         }
+    }
+
+    /// The config file that [`reload_config`](Self::reload_config) reads; the first one set stays.
+    pub(crate) fn set_config_path(&self, path: PathBuf) {
+        let _ = self.inner.config_path.set(path);
     }
 
     /// What SIGHUP does: the key, then `[callers]` and `[rate_limit]`, then the audit file.
@@ -114,7 +120,7 @@ impl Control {
 
     /// Reads the config file again and puts its `[callers]` and `[rate_limit]` in effect.
     pub async fn reload_config(&self) -> Result<(), String> {
-        let Some(path) = &self.inner.config_path else {
+        let Some(path) = self.inner.config_path.get() else {
             return Ok(());
         };
         let mut current = self.inner.config.lock().await;
@@ -261,7 +267,14 @@ where
     let task = tokio::spawn(async move {
         while let Some(event) = events.next().await {
             match event {
-                Ok(event) if relevant(event.name.as_deref()) => {}
+                Ok(event) if event.mask.contains(inotify::EventMask::IGNORED) => {
+                    tracing::warn!(
+                        "the folder of {what} is gone; changes will be picked up on SIGHUP only"
+                    );
+                    return;
+                }
+                // An overflowed queue names no file: anything may have changed.
+                Ok(event) if event.name.is_none() || relevant(event.name.as_deref()) => {}
                 Ok(_) => continue,
                 Err(e) => {
                     tracing::warn!(error = %e, "stopped watching {what}'s folder; use SIGHUP");

@@ -90,6 +90,8 @@ pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
 pub struct Gateway {
     config: Arc<Config>,
     parts: StackParts,
+    /// One for the signals and the folder watches alike, so that reloads never overlap.
+    control: Control,
     tls: Option<TlsAcceptor>,
     listener: TcpListener,
     admin: TcpListener,
@@ -133,9 +135,11 @@ impl Gateway {
             jobs: Arc::new(JobBook::new(max_jobs)),
             client: prepared.client,
         };
+        let control = Control::new(&parts);
         Ok(Self {
             config,
             parts,
+            control,
             tls: prepared.tls,
             listener,
             admin,
@@ -157,7 +161,10 @@ impl Gateway {
     /// The handle that changes this gateway while it runs (reloads, audit reopen).
     /// `config_path` is the file `[callers]` and `[rate_limit]` are reloaded from.
     pub fn control(&self, config_path: Option<PathBuf>) -> Control {
-        Control::new(config_path, &self.parts)
+        if let Some(path) = config_path {
+            self.control.set_config_path(path);
+        }
+        self.control.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
@@ -165,6 +172,7 @@ impl Gateway {
         let Self {
             config,
             parts,
+            control,
             tls,
             listener,
             admin,
@@ -174,15 +182,13 @@ impl Gateway {
         tokio::spawn(Limiters::sweep_every(Arc::downgrade(&parts.limiters)));
         // With the key in a file, a change in its folder (a Secret update) loads it anew.
         let _key_watch = match &config.api_key {
-            ApiKeySource::File(path) => {
-                match reload::watch_key_file(path, Control::new(None, &parts)) {
-                    Ok(watch) => Some(watch),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "key file changes will be picked up on SIGHUP only");
-                        None
-                    }
+            ApiKeySource::File(path) => match reload::watch_key_file(path, control) {
+                Ok(watch) => Some(watch),
+                Err(e) => {
+                    tracing::warn!(error = %e, "key file changes will be picked up on SIGHUP only");
+                    None
                 }
-            }
+            },
             ApiKeySource::Env(_) => None,
         };
         let registry = parts.metrics.registry();

@@ -31,7 +31,7 @@ pub fn acceptor(listen: &Listen) -> Result<Option<TlsAcceptor>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?;
+        .map_err(|e| format!("listen.tls_cert: TLS setup: {e}"))?;
     let builder = match &listen.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
@@ -86,8 +86,8 @@ pub fn certificate_identity(cert: &CertificateDer<'_>) -> Option<String> {
             GeneralName::DNSName(dns) => Some(*dns),
             _ => None,
         });
-        if let Some(dns) = dns {
-            return usable(dns);
+        if let Some(name) = dns.and_then(usable) {
+            return Some(name);
         }
     }
     let cn = parsed.subject().iter_common_name().next()?;

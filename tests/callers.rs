@@ -111,6 +111,15 @@ async fn call(
     (response.status().as_u16(), value)
 }
 
+/// Starts a connection test with `client`'s certificate (if any) and no token.
+async fn post_test(
+    gateway: &Harness,
+    client: &TlsClient,
+) -> Result<(http::Response<()>, Bytes), hyper_util::client::legacy::Error> {
+    let path = "/api/v1/data_sources/8/test";
+    send_with(client, request(gateway, "POST", path, None)).await
+}
+
 /// Starts a test as `token`'s caller and returns its job id.
 async fn start_job(gateway: &Harness, client: &TlsClient, data_source: i64, token: &str) -> i64 {
     let (status, body) = call(
@@ -341,12 +350,7 @@ async fn client_certificate_names_the_caller_by_dns_name_else_cn() {
     ] {
         let identity = gateway.ca.issue_client(dns, cn).unwrap();
         let client = tls_client(&gateway.ca, Some(&identity), false);
-        let (response, _) = send_with(
-            &client,
-            request(&gateway, "POST", "/api/v1/data_sources/8/test", None),
-        )
-        .await
-        .unwrap();
+        let (response, _) = post_test(&gateway, &client).await.unwrap();
         assert_eq!(response.status(), 200);
         assert_eq!(gateway.audit().last().unwrap()["caller"], expected);
     }
@@ -359,11 +363,7 @@ async fn handshake_without_a_trusted_client_certificate_fails() {
     let untrusted = stranger_ca.issue_client(&["analytics"], None).unwrap();
     for identity in [None, Some(&untrusted)] {
         let client = tls_client(&gateway.ca, identity, false);
-        let result = send_with(
-            &client,
-            request(&gateway, "POST", "/api/v1/data_sources/8/test", None),
-        )
-        .await;
+        let result = post_test(&gateway, &client).await;
         assert!(result.is_err(), "served without a trusted certificate");
     }
     assert!(gateway.upstream.received().is_empty());
@@ -374,12 +374,7 @@ async fn identities_outside_allow_are_403() {
     let gateway = start_mtls(Some(&["analytics"])).await;
     let billing = gateway.ca.issue_client(&["billing"], None).unwrap();
     let client = tls_client(&gateway.ca, Some(&billing), false);
-    let (response, body) = send_with(
-        &client,
-        request(&gateway, "POST", "/api/v1/data_sources/8/test", None),
-    )
-    .await
-    .unwrap();
+    let (response, body) = post_test(&gateway, &client).await.unwrap();
     assert_eq!(response.status(), 403);
     assert_eq!(json(&body)["code"], "forbidden");
     assert!(gateway.upstream.received().is_empty());
@@ -389,12 +384,7 @@ async fn identities_outside_allow_are_403() {
 
     let analytics = gateway.ca.issue_client(&["analytics"], None).unwrap();
     let client = tls_client(&gateway.ca, Some(&analytics), false);
-    let (response, _) = send_with(
-        &client,
-        request(&gateway, "POST", "/api/v1/data_sources/8/test", None),
-    )
-    .await
-    .unwrap();
+    let (response, _) = post_test(&gateway, &client).await.unwrap();
     assert_eq!(response.status(), 200);
 }
 

@@ -137,8 +137,9 @@ where
             Some(self.inner.call(request))
         };
         let shared = self.shared.clone();
-        let tracker = self.shared.tasks.tracker.clone();
-        let work = Box::pin(async move {
+        // Counted by the tracker from the start (without a task of its own), so that shutdown
+        // waits for every request: inline, moved to a task, or in an HTTP/2 stream's task.
+        let work = Box::pin(self.shared.tasks.tracker.track_future(async move {
             let _in_flight = InFlight::start(&shared.metrics);
             let response = match work {
                 None => error::audit_unavailable(),
@@ -158,11 +159,8 @@ where
                 }
             };
             write_record(seen, response, &shared.log, &shared.metrics).await
-        });
-        Audited {
-            work: Some(work),
-            tracker,
-        }
+        }));
+        Audited { work: Some(work) }
     }
 }
 
@@ -172,7 +170,6 @@ where
 /// otherwise spares every request a task of its own and the wake-ups between the two.
 pub struct Audited {
     work: Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>,
-    tracker: TaskTracker,
 }
 
 impl Future for Audited {
@@ -191,8 +188,13 @@ impl Future for Audited {
 impl Drop for Audited {
     fn drop(&mut self) {
         if let Some(work) = self.work.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(self.tracker.track_future(work));
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(work);
+                }
+                Err(_) => tracing::error!(
+                    "a request cut off outside the runtime was dropped unfinished; its audit record is missing"
+                ),
             }
         }
     }
