@@ -1,6 +1,6 @@
 //! The deployment artifacts in `deploy/` against the configurations they ship.
 //!
-//! Each Kubernetes manifest carries its gateway.toml in a ConfigMap, the Dockerfile bakes one in
+//! Each Kubernetes manifest carries its gateway.toml in a ConfigMap (or, for the shared gateway, a Secret), the Dockerfile bakes one in
 //! and the systemd unit comes with one; these tests parse both sides (YAML, Dockerfile lines,
 //! unit INI lines, and the TOML through `Config::parse`) and check that ports, paths, probes and
 //! timeouts agree, so that neither side can be edited without the other.
@@ -127,37 +127,52 @@ fn memory_bytes(quantity: &str) -> u64 {
         * scale
 }
 
-/// One Kubernetes example: its documents and the gateway.toml its ConfigMap holds.
+/// One Kubernetes example: its documents and the gateway.toml its ConfigMap or Secret holds.
 struct Manifest {
     file: &'static str,
     documents: Vec<Value>,
+    /// The name of the ConfigMap or Secret holding gateway.toml.
     config_map: String,
+    /// `ConfigMap` or `Secret`.
+    config_kind: String,
     config: Config,
 }
 
 impl Manifest {
     fn load(file: &'static str) -> Self {
         let documents = yaml_documents(file);
-        let holders: Vec<&Value> = documents
+        // A ConfigMap (`data`) or, where the caller list is kept from view, a Secret
+        // (`stringData`).
+        let held = |d: &Value| {
+            let field = match d.get("kind").and_then(Value::as_str) {
+                Some("ConfigMap") => "data",
+                Some("Secret") => "stringData",
+                _ => return None,
+            };
+            lookup(d, field)?
+                .get("gateway.toml")?
+                .as_str()
+                .map(str::to_owned)
+        };
+        let holders: Vec<(&Value, String)> = documents
             .iter()
-            .filter(|d| d.get("kind").and_then(Value::as_str) == Some("ConfigMap"))
-            .filter(|d| {
-                lookup(d, "data")
-                    .and_then(|data| data.get("gateway.toml"))
-                    .is_some()
-            })
+            .filter_map(|d| Some((d, held(d)?)))
             .collect();
-        assert_eq!(holders.len(), 1, "{file}: one ConfigMap holds gateway.toml");
-        let text = holders[0]["data"]["gateway.toml"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{file}: gateway.toml is not text"));
-        let source = format!("deploy/{file} (ConfigMap gateway.toml)");
+        assert_eq!(
+            holders.len(),
+            1,
+            "{file}: one ConfigMap or Secret holds gateway.toml"
+        );
+        let (holder, text) = &holders[0];
+        let config_kind = str_at(holder, "kind").to_owned();
+        let source = format!("deploy/{file} ({config_kind} gateway.toml)");
         let config = parse_config(&source, text);
-        let config_map = str_at(holders[0], "metadata.name").to_owned();
+        let config_map = str_at(holder, "metadata.name").to_owned();
         Self {
             file,
             documents,
             config_map,
+            config_kind,
             config,
         }
     }
@@ -385,10 +400,13 @@ fn k8s_config_map_is_mounted_where_the_gateway_is_told_to_read_it() {
             "{}: a subPath mount never sees ConfigMap updates",
             manifest.file
         );
+        let mounted = match manifest.config_kind.as_str() {
+            "Secret" => str_at(&volume, "secret.secretName"),
+            _ => str_at(&volume, "configMap.name"),
+        };
         assert_eq!(
-            str_at(&volume, "configMap.name"),
-            manifest.config_map,
-            "{}: the mounted ConfigMap is the one holding gateway.toml",
+            mounted, manifest.config_map,
+            "{}: the mounted volume is the one holding gateway.toml",
             manifest.file
         );
         assert_eq!(
