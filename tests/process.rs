@@ -306,6 +306,24 @@ async fn setup_with(listen: impl FnOnce(&Path, &ThrowawayCa) -> String, extra: &
     }
 }
 
+/// Stops a gateway that served `/api/v1/data_sources/1/test` at `RUST_LOG=trace` and checks that
+/// its log holds neither the key nor the caller's credential.
+fn assert_trace_log_keeps_secrets(served: Served) {
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success(), "{status}");
+    // The log did capture the traffic, so its silence about secrets means something.
+    assert!(
+        log.contains("/api/v1/data_sources/1/test"),
+        "trace log is missing the requests"
+    );
+    assert!(!log.contains(API_KEY), "the API key is in the log");
+    assert!(
+        !log.contains(CALLER_SECRET),
+        "a caller credential is in the log"
+    );
+}
+
 #[tokio::test]
 async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
     let setup = setup("[rate_limit.global]\nrate = \"1/h\"\nburst = 3\n").await;
@@ -330,19 +348,7 @@ async fn neither_key_nor_caller_credentials_appear_in_logs_or_audit() {
             "{method} {path}"
         );
     }
-    served.terminate();
-    let (status, log) = served.wait();
-    assert!(status.success(), "{status}");
-    // The log did capture the traffic, so its silence about secrets means something.
-    assert!(
-        log.contains("/api/v1/data_sources/1/test"),
-        "trace log is missing the requests"
-    );
-    assert!(!log.contains(API_KEY), "the API key is in the log");
-    assert!(
-        !log.contains(CALLER_SECRET),
-        "a caller credential is in the log"
-    );
+    assert_trace_log_keeps_secrets(served);
     let audit = std::fs::read_to_string(setup.dir.path().join("audit.jsonl")).unwrap();
     assert_eq!(audit.lines().count(), 6);
     assert!(!audit.contains(API_KEY) && !audit.contains(CALLER_SECRET));
@@ -507,15 +513,7 @@ async fn token_mode_keeps_tokens_out_of_logs_audit_and_upstream() {
             "{path}"
         );
     }
-    served.terminate();
-    let (status, log) = served.wait();
-    assert!(status.success(), "{status}");
-    assert!(
-        log.contains("/api/v1/data_sources/1/test"),
-        "trace log is missing the requests"
-    );
-    assert!(!log.contains(CALLER_SECRET), "a caller token is in the log");
-    assert!(!log.contains(API_KEY), "the API key is in the log");
+    assert_trace_log_keeps_secrets(served);
     let audit = std::fs::read_to_string(setup.dir.path().join("audit.jsonl")).unwrap();
     assert_eq!(audit.lines().count(), 4);
     assert!(audit.contains("\"caller\":\"analytics\""), "{audit}");
