@@ -336,3 +336,32 @@ async fn forwarding_resumes_once_a_reopened_audit_file_takes_records() {
     assert_eq!(records[0]["status"], 503);
     assert_eq!(records[1]["status"], 200);
 }
+
+#[tokio::test]
+async fn a_request_in_flight_keeps_the_key_it_started_with() {
+    let h = Harness::start(|_| {}).await;
+    h.upstream.set_delay(Duration::from_millis(500));
+    let in_flight = h.spawn_post(START);
+    common::wait_for_upstream(&h.upstream).await;
+    // Rotated while the request waits on Datafold; the stand-in only knows the old key.
+    let key_file = h.dir.path().join("datafold-api-key");
+    std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
+    // (The folder watch may get there first; either way the new key is in effect after this.)
+    h.control.reload_key().await.unwrap();
+    assert_eq!(in_flight.await.unwrap().unwrap(), 200);
+    h.upstream.set_delay(Duration::ZERO);
+    assert_eq!(
+        upstream_status(&h).await,
+        401,
+        "new requests carry the new key"
+    );
+    let received = h.upstream.received();
+    assert_eq!(
+        received[0].headers["authorization"],
+        format!("Key {API_KEY}").as_str()
+    );
+    assert_eq!(
+        received[1].headers["authorization"],
+        format!("Key {NEW_KEY}").as_str()
+    );
+}
