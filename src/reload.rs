@@ -23,7 +23,7 @@ use crate::config::{ApiKeySource, Config};
 use crate::metrics::{Metrics, ResultLabels};
 use crate::middleware::caller::{CallerBook, SharedCallers};
 use crate::middleware::rate_limit::{Limiters, SharedLimiters};
-use crate::secret::{ApiKey, SharedKey};
+use crate::secret::{describe, ApiKey, SharedKey};
 use crate::stack::StackParts;
 
 /// How long a burst of changes in the key's folder is let settle before the key is read.
@@ -180,13 +180,6 @@ impl Control {
             .key_reloads
             .get_or_create(&ResultLabels { result })
             .inc();
-    }
-}
-
-fn describe(source: &ApiKeySource) -> String {
-    match source {
-        ApiKeySource::Env(name) => format!("env {name}"),
-        ApiKeySource::File(path) => path.display().to_string(),
     }
 }
 

@@ -84,7 +84,7 @@ impl fmt::Debug for ApiKey {
     }
 }
 
-fn describe(source: &ApiKeySource) -> String {
+pub(crate) fn describe(source: &ApiKeySource) -> String {
     match source {
         ApiKeySource::Env(name) => format!("api_key.env: environment variable {name}"),
         ApiKeySource::File(path) => format!("api_key.file: {}", path.display()),

@@ -6,9 +6,9 @@ mod common;
 use std::num::NonZeroU32;
 
 use bytes::Bytes;
-use common::{config_for, json, send_with, tls_client, Harness, TlsClient, API_KEY};
+use common::{json, send_with, tls_client, Harness, TlsClient, API_KEY};
 use datafold_gateway::config::{CallerMode, Config, RateLimit, TokenCaller, TokenDigest};
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
+use datafold_gateway::standin::ThrowawayCa;
 use http::{Request, Version};
 use http_body_util::Full;
 
@@ -18,21 +18,17 @@ const BILLING_TOKEN: &str = "dfgw_billing_0a9d8e7f6c5b4a39";
 /// A gateway with TLS on its listener (certificate for 127.0.0.1 from the harness CA), set up
 /// further by `customize`, which gets the folder to write files into.
 async fn start_tls(customize: impl FnOnce(&std::path::Path, &ThrowawayCa, &mut Config)) -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ThrowawayCa::new("test CA").unwrap();
-    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
-        .await
-        .unwrap();
-    let mut config = config_for(dir.path(), &ca, &upstream.url());
-    let (cert, key) = (dir.path().join("gw.pem"), dir.path().join("gw-key.pem"));
-    ca.issue(&["127.0.0.1"])
-        .unwrap()
-        .write(&cert, &key)
-        .unwrap();
-    config.listen.tls_cert = Some(cert);
-    config.listen.tls_key = Some(key);
-    customize(dir.path(), &ca, &mut config);
-    Harness::start_with(dir, ca, upstream, config).await
+    Harness::start_in(|dir, ca, config| {
+        let (cert, key) = (dir.join("gw.pem"), dir.join("gw-key.pem"));
+        ca.issue(&["127.0.0.1"])
+            .unwrap()
+            .write(&cert, &key)
+            .unwrap();
+        config.listen.tls_cert = Some(cert);
+        config.listen.tls_key = Some(key);
+        customize(dir, ca, config);
+    })
+    .await
 }
 
 fn token_entry(name: &str, token: &str) -> TokenCaller {

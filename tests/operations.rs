@@ -150,6 +150,15 @@ async fn rotation_setup(prepare: impl FnOnce(&Path) -> std::path::PathBuf) -> Ha
     Harness::start_with(dir, ca, upstream, config).await
 }
 
+/// `datafold_gateway_key_reloads_total` for `result`.
+async fn key_reloads(h: &Harness, result: &str) -> Option<f64> {
+    let text = h.metrics().await;
+    sample(
+        &text,
+        &format!(r#"datafold_gateway_key_reloads_total{{result="{result}"}}"#),
+    )
+}
+
 /// The upstream's answer to a test start: 401 while the old key is in use, 200 with the new.
 async fn upstream_status(h: &Harness) -> u16 {
     h.post(START).await.0.status().as_u16()
@@ -179,15 +188,7 @@ async fn reload_puts_a_new_key_in_effect_and_counts_it() {
     std::fs::write(h.dir.path().join("api-key"), format!("{NEW_KEY}\n")).unwrap();
     h.control.reload_key().await.unwrap();
     assert_eq!(upstream_status(&h).await, 200);
-    let text = h.metrics().await;
-    assert_eq!(
-        sample(
-            &text,
-            r#"datafold_gateway_key_reloads_total{result="success"}"#
-        ),
-        Some(1.0),
-        "{text}"
-    );
+    assert_eq!(key_reloads(&h, "success").await, Some(1.0));
 }
 
 #[tokio::test]
@@ -260,15 +261,7 @@ async fn a_kubelet_style_symlink_swap_is_picked_up_without_a_signal() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let text = h.metrics().await;
-    assert_eq!(
-        sample(
-            &text,
-            r#"datafold_gateway_key_reloads_total{result="success"}"#
-        ),
-        Some(1.0),
-        "{text}"
-    );
+    assert_eq!(key_reloads(&h, "success").await, Some(1.0));
 }
 
 #[tokio::test]

@@ -53,13 +53,19 @@ pub fn config_for(dir: &Path, ca: &ThrowawayCa, upstream_url: &str) -> Config {
 impl Harness {
     /// Starts a stand-in and a gateway in front of it; `customize` adjusts the config.
     pub async fn start(customize: impl FnOnce(&mut Config)) -> Self {
+        Self::start_in(|_, _, config| customize(config)).await
+    }
+
+    /// As [`start`](Self::start); `customize` also gets the test folder, to write files into,
+    /// and the CA, to issue certificates from.
+    pub async fn start_in(customize: impl FnOnce(&Path, &ThrowawayCa, &mut Config)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = ThrowawayCa::new("test CA").unwrap();
         let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
             .await
             .unwrap();
         let mut config = config_for(dir.path(), &ca, &upstream.url());
-        customize(&mut config);
+        customize(dir.path(), &ca, &mut config);
         Self::start_with(dir, ca, upstream, config).await
     }
 
