@@ -3,12 +3,14 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use prometheus_client::registry::Registry;
 
+use crate::audit::AuditLog;
 use crate::metrics;
 
 /// Shared state the probes report on.
@@ -18,10 +20,33 @@ pub struct Health {
     pub ready: AtomicBool,
     /// What `/metrics` encodes.
     pub metrics: Registry,
+    /// The audit log, when forwarding stops while it cannot be written
+    /// (`audit.on_failure = "refuse"`): then readiness follows it.
+    pub audit: Option<AuditLog>,
 }
 
 /// The content type of the OpenMetrics text `prometheus-client` writes.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+const AUDIT_UNWRITABLE: &str = "not ready: the audit file cannot be written, and audit.on_failure = \"refuse\" stops forwarding until it can\n";
+
+/// How long a readiness probe waits for the audit writer's answer.
+const PROBE_LIMIT: Duration = Duration::from_secs(1);
+
+/// Whether records can be written. While the last write failed, the probe asks the writer to
+/// try again (without writing a record): with the replica out of rotation, no request would
+/// otherwise find out that the disk has room again.
+async fn audit_writable(audit: Option<&AuditLog>) -> bool {
+    let Some(audit) = audit else {
+        return true;
+    };
+    if audit.is_healthy() {
+        return true;
+    }
+    tokio::time::timeout(PROBE_LIMIT, audit.probe())
+        .await
+        .unwrap_or(false)
+}
 
 /// Answers one admin request.
 pub async fn handle<B>(
@@ -39,10 +64,12 @@ pub async fn handle<B>(
     let (status, body) = match (request.method(), request.uri().path()) {
         (&Method::GET | &Method::HEAD, "/healthz") => (StatusCode::OK, "ok\n"),
         (&Method::GET | &Method::HEAD, "/readyz") => {
-            if health.ready.load(Ordering::Acquire) {
-                (StatusCode::OK, "ready\n")
-            } else {
+            if !health.ready.load(Ordering::Acquire) {
                 (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            } else if !audit_writable(health.audit.as_ref()).await {
+                (StatusCode::SERVICE_UNAVAILABLE, AUDIT_UNWRITABLE)
+            } else {
+                (StatusCode::OK, "ready\n")
             }
         }
         _ => (StatusCode::NOT_FOUND, "not found\n"),
@@ -76,6 +103,38 @@ mod tests {
         health.ready.store(true, Ordering::Release);
         assert_eq!(get(&health, "/readyz").await, StatusCode::OK);
         assert_eq!(get(&health, "/nothing-here").await, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn readyz_is_503_while_the_audit_cannot_be_written_in_refuse_mode() {
+        let log = AuditLog::open(
+            std::path::Path::new("/dev/full"),
+            crate::audit::WriterOptions::default(),
+        )
+        .unwrap();
+        let health = Arc::new(Health {
+            audit: Some(log.clone()),
+            ..Health::default()
+        });
+        health.ready.store(true, Ordering::Release);
+        assert_eq!(get(&health, "/readyz").await, StatusCode::OK);
+        let record = crate::audit::Record {
+            ts: "2026-12-04T00:00:00Z".into(),
+            ..crate::audit::Record::empty()
+        };
+        assert!(!log.append(&record).await);
+        assert_eq!(
+            get(&health, "/readyz").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let request = Request::get("/readyz").body(()).unwrap();
+        let response = handle(health.clone(), request).await.unwrap();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("audit"));
+        log.close().await;
     }
 
     #[tokio::test]

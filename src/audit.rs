@@ -39,6 +39,8 @@ pub enum Limit {
     Global,
     Caller,
     DataSource,
+    /// The per-peer limit on refusals of requests without valid credentials.
+    Unauthenticated,
 }
 
 /// What the layers learned about a request, carried back to the audit layer in the response's
@@ -59,6 +61,8 @@ pub struct AuditFacts {
     pub test_status: Option<Box<str>>,
     /// A result poll's per-step statuses.
     pub test_steps: Option<TestSteps>,
+    /// Refused for want of credentials: the audit samples these (see `audit_sampling.rs`).
+    pub stranger: bool,
 }
 
 /// The status of each step of a connection test, in Datafold's order; audited as an object,
@@ -86,15 +90,20 @@ impl AuditFacts {
     }
 }
 
-/// One line of the audit file. Every field is always present, `null` where unknown.
+/// One line of the audit file. Every field is always present, `null` where unknown, except
+/// `path_truncated` (only when true) and `suppressed` (only on summary records, see
+/// `audit_sampling.rs`).
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
     pub ts: String,
     pub request_id: Option<&'a str>,
     pub caller: Option<&'a str>,
     pub peer: Option<&'a str>,
-    pub method: &'a str,
-    pub path: &'a str,
+    pub method: Option<&'a str>,
+    /// The request target as sent, without its query, cut to [`MAX_AUDITED_PATH`] bytes.
+    pub path: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub path_truncated: bool,
     pub route: Option<&'static str>,
     pub data_source_id: Option<i64>,
     pub job_id: Option<i64>,
@@ -105,6 +114,52 @@ pub struct Record<'a> {
     pub test_status: Option<&'a str>,
     pub test_steps: Option<&'a TestSteps>,
     pub duration_ms: f64,
+    /// On a summary record: how many refusals it stands for, none of them written alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suppressed: Option<u64>,
+}
+
+/// The most of a request's path an audit record keeps. Forwarded paths are far shorter; a
+/// refused one may be anything a client sends (up to the 64 KiB head).
+pub const MAX_AUDITED_PATH: usize = 256;
+
+impl Record<'_> {
+    /// A record with nothing known, to fill in with struct update syntax.
+    pub fn empty() -> Self {
+        Self {
+            ts: String::new(),
+            request_id: None,
+            caller: None,
+            peer: None,
+            method: None,
+            path: None,
+            path_truncated: false,
+            route: None,
+            data_source_id: None,
+            job_id: None,
+            status: 0,
+            outcome: Outcome::Rejected,
+            limit: None,
+            upstream_status: None,
+            test_status: None,
+            test_steps: None,
+            duration_ms: 0.0,
+            suppressed: None,
+        }
+    }
+}
+
+/// `path` cut to at most [`MAX_AUDITED_PATH`] bytes (on a character boundary), and whether it
+/// was cut.
+pub fn bounded_path(path: &str) -> (&str, bool) {
+    if path.len() <= MAX_AUDITED_PATH {
+        return (path, false);
+    }
+    let mut end = MAX_AUDITED_PATH;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&path[..end], true)
 }
 
 enum Message {
@@ -114,6 +169,8 @@ enum Message {
     },
     /// Open the file at the configured path again (after logrotate moved it away).
     Reopen(oneshot::Sender<Result<(), String>>),
+    /// Find out, without writing a record, whether the file takes writes again.
+    Probe(oneshot::Sender<bool>),
     Close(oneshot::Sender<()>),
 }
 
@@ -193,6 +250,15 @@ impl AuditLog {
     /// Whether the last write reached the file.
     pub fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Whether the file takes writes now (it asks the writer to find out, writing no record).
+    pub async fn probe(&self) -> bool {
+        let (reply, done) = oneshot::channel();
+        if self.tx.send(Message::Probe(reply)).is_err() {
+            return false;
+        }
+        done.await.unwrap_or(false)
     }
 
     /// Opens the file at its path again; records queued before this call go to the old file,
@@ -277,6 +343,7 @@ impl Writer {
             };
             let mut next = Some(first);
             let mut reopen = None;
+            let mut probe = None;
             while let Some(message) = next.take() {
                 match message {
                     Message::Record { line, written } => {
@@ -285,6 +352,10 @@ impl Writer {
                     }
                     Message::Reopen(reply) => {
                         reopen = Some(reply);
+                        break;
+                    }
+                    Message::Probe(reply) => {
+                        probe = Some(reply);
                         break;
                     }
                     Message::Close(done) => {
@@ -305,6 +376,9 @@ impl Writer {
             }
             if let Some(reply) = reopen {
                 let _ = reply.send(self.reopen());
+            }
+            if let Some(reply) = probe {
+                let _ = reply.send(self.probe());
             }
         }
         if let Err(e) = self.file.sync_all() {
@@ -340,6 +414,40 @@ impl Writer {
                 );
             }
         }
+        ok
+    }
+
+    /// Whether the file takes writes, found out without writing a record: a torn line is mended
+    /// (a write it needs anyway), or else room for the next batch is reserved past the end of
+    /// the file without changing its size (`fallocate` with `FALLOC_FL_KEEP_SIZE`), which fails
+    /// on a full disk or quota. Where that cannot be asked (a file system without `fallocate`),
+    /// the next record decides, as before.
+    fn probe(&mut self) -> bool {
+        use std::os::fd::AsRawFd;
+        if self.healthy.load(Ordering::Relaxed) {
+            return true;
+        }
+        let ok = if self.torn {
+            let ok = self.file.write_all(b"\n").is_ok();
+            self.torn = !ok;
+            ok
+        } else {
+            let end = self.file.metadata().map_or(0, |m| m.len());
+            // SAFETY: a plain system call on a descriptor this writer owns; no memory is passed.
+            let result = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    end as libc::off_t,
+                    MAX_BATCH_BYTES as libc::off_t,
+                )
+            };
+            result == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
+        };
+        if ok {
+            tracing::info!(file = %self.path.display(), "the audit file takes writes again");
+        }
+        self.healthy.store(ok, Ordering::Relaxed);
         ok
     }
 
@@ -399,18 +507,15 @@ mod tests {
             request_id: Some("r1"),
             caller: Some("127.0.0.1"),
             peer: Some("127.0.0.1:5000"),
-            method: "POST",
-            path: "/api/v1/data_sources/1/test",
+            method: Some("POST"),
+            path: Some("/api/v1/data_sources/1/test"),
             route: Some("test_connection"),
             data_source_id: Some(1),
-            job_id: None,
             status,
             outcome: Outcome::Forwarded,
-            limit: None,
             upstream_status: Some(status),
-            test_status: None,
-            test_steps: None,
             duration_ms: 1.5,
+            ..Record::empty()
         }
     }
 

@@ -85,6 +85,12 @@ pub struct Upstream {
     /// Covers the whole upstream exchange: connect, send, and reading the full answer.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// Caller headers passed to Datafold besides the built-in allow-list (see `upstream.rs`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub forward_headers: Vec<HeaderName>,
+    /// Datafold headers passed back to callers besides the built-in allow-list.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub return_headers: Vec<HeaderName>,
 }
 
 impl Default for Upstream {
@@ -94,6 +100,8 @@ impl Default for Upstream {
             ca_file: None,
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
+            forward_headers: Vec::new(),
+            return_headers: Vec::new(),
         }
     }
 }
@@ -164,6 +172,33 @@ impl<'de> Deserialize<'de> for UpstreamUrl {
 impl Serialize for UpstreamUrl {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&self.original)
+    }
+}
+
+/// A header name an operator adds to an allow-list, lower-cased once here.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HeaderName(pub http::HeaderName);
+
+impl fmt::Debug for HeaderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for HeaderName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        http::HeaderName::from_bytes(s.as_bytes())
+            .map(Self)
+            .map_err(|_| {
+                serde::de::Error::custom(format!("`{}` is not a header name", s.escape_debug()))
+            })
+    }
+}
+
+impl Serialize for HeaderName {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.0.as_str())
     }
 }
 
@@ -362,6 +397,9 @@ pub struct RateLimits {
     pub per_caller: Option<RateLimit>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub per_data_source: Option<RateLimit>,
+    /// Requests refused for want of credentials (401/403 in `token` and `mtls` modes), per peer
+    /// IP address. Always on: a stranger must not be able to cost the callers anything.
+    pub unauthenticated: RateLimit,
 }
 
 impl Default for RateLimits {
@@ -371,6 +409,13 @@ impl Default for RateLimits {
             global: None,
             per_caller: None,
             per_data_source: None,
+            unauthenticated: RateLimit {
+                rate: Rate {
+                    count: NonZeroU32::new(10).expect("not zero"),
+                    per: Duration::from_secs(1),
+                },
+                burst: NonZeroU32::new(20).expect("not zero"),
+            },
         }
     }
 }
@@ -514,6 +559,12 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// Requests handled at once; more are answered 503 `overloaded` at once.
     pub max_concurrent_requests: usize,
+    /// A request body must arrive in full within this time, read before the request takes a
+    /// concurrency slot or a rate-limit token.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Largest answer read from Datafold; a larger one is 502 `upstream_response_too_large`.
+    pub max_response_bytes: usize,
 }
 
 impl Default for Limits {
@@ -524,9 +575,69 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
             max_concurrent_requests: 1024,
+            body_read_timeout: Duration::from_secs(10),
+            max_response_bytes: 1024 * 1024,
         }
     }
 }
+
+/// Headers `upstream.forward_headers` may not name, and why.
+const NEVER_FORWARDED: &[(&str, &str)] = &[
+    ("authorization", "the gateway sets Datafold's key itself"),
+    ("proxy-authorization", "it is a credential"),
+    ("cookie", "it is a credential"),
+    ("x-api-key", "it is a credential"),
+    ("host", "the gateway sets it to Datafold's host"),
+    ("content-length", "the gateway frames the body itself"),
+    (
+        "transfer-encoding",
+        "it describes one connection, not the request",
+    ),
+    ("connection", "it describes one connection, not the request"),
+    ("keep-alive", "it describes one connection, not the request"),
+    (
+        "proxy-connection",
+        "it describes one connection, not the request",
+    ),
+    ("te", "it describes one connection, not the request"),
+    ("trailer", "it describes one connection, not the request"),
+    ("upgrade", "it describes one connection, not the request"),
+    ("expect", "the gateway reads the body before forwarding"),
+];
+
+/// Headers `upstream.return_headers` may not name, and why.
+const NEVER_RETURNED: &[(&str, &str)] = &[
+    (
+        "set-cookie",
+        "a cookie Datafold issues belongs to the key's user, not the caller",
+    ),
+    (
+        "set-cookie2",
+        "a cookie Datafold issues belongs to the key's user, not the caller",
+    ),
+    (
+        "www-authenticate",
+        "it describes Datafold's authentication, not the gateway's",
+    ),
+    (
+        "proxy-authenticate",
+        "it describes one connection, not the answer",
+    ),
+    ("content-length", "the gateway frames the answer itself"),
+    (
+        "transfer-encoding",
+        "it describes one connection, not the answer",
+    ),
+    ("connection", "it describes one connection, not the answer"),
+    ("keep-alive", "it describes one connection, not the answer"),
+    (
+        "proxy-connection",
+        "it describes one connection, not the answer",
+    ),
+    ("trailer", "it describes one connection, not the answer"),
+    ("upgrade", "it describes one connection, not the answer"),
+    ("x-request-id", "the request id is the gateway's"),
+];
 
 /// Upper bounds: far beyond any sensible setting, low enough that nothing overflows.
 const MAX_BODY_BYTES: usize = 1 << 30;
@@ -623,6 +734,11 @@ impl Config {
                 MAX_CONCURRENT_REQUESTS,
             ),
             (
+                "limits.max_response_bytes",
+                self.limits.max_response_bytes,
+                MAX_BODY_BYTES,
+            ),
+            (
                 "rate_limit.max_tracked_keys",
                 self.rate_limit.max_tracked_keys,
                 MAX_TRACKED_KEYS,
@@ -650,6 +766,11 @@ impl Config {
                 false,
             ),
             ("limits.idle_timeout", self.limits.idle_timeout, false),
+            (
+                "limits.body_read_timeout",
+                self.limits.body_read_timeout,
+                false,
+            ),
             ("limits.shutdown_grace", self.limits.shutdown_grace, true),
         ] {
             if value.is_zero() && !may_be_zero {
@@ -670,6 +791,7 @@ impl Config {
         }
         self.validate_listener_tls(&fail)?;
         self.validate_callers(&fail)?;
+        self.validate_header_lists(&fail)?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             fail(
                 "log.level",
@@ -713,6 +835,36 @@ impl Config {
                 "listen.client_ca",
                 "client certificates are only checked with callers.mode = \"mtls\"; remove listen.client_ca or change the mode".into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// An operator may widen the header allow-lists, but never to a credential, a header that
+    /// describes the connection rather than the message, or one the gateway sets itself.
+    fn validate_header_lists(
+        &self,
+        fail: &impl Fn(&str, String) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        for (key, names, never) in [
+            (
+                "upstream.forward_headers",
+                &self.upstream.forward_headers,
+                NEVER_FORWARDED,
+            ),
+            (
+                "upstream.return_headers",
+                &self.upstream.return_headers,
+                NEVER_RETURNED,
+            ),
+        ] {
+            for (i, name) in names.iter().enumerate() {
+                if let Some((_, why)) = never.iter().find(|(n, _)| *n == name.0.as_str()) {
+                    return Err(fail(
+                        &format!("{key}[{i}]"),
+                        format!("`{}` cannot be allowed: {why}", name.0),
+                    ));
+                }
+            }
         }
         Ok(())
     }

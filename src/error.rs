@@ -31,6 +31,8 @@ pub enum ErrorCode {
     RateLimited,
     UpstreamUnreachable,
     UpstreamTimeout,
+    UpstreamResponseTooLarge,
+    UpstreamInvalidResponse,
     Overloaded,
     ShuttingDown,
     AuditUnavailable,
@@ -172,6 +174,9 @@ pub fn rate_limited(limit: Limit, wait: Duration) -> Response<Body> {
         Limit::Global => "the gateway's global rate limit is reached",
         Limit::Caller => "your rate limit (rate_limit.per_caller) is reached",
         Limit::DataSource => "the rate limit for this data source is reached",
+        Limit::Unauthenticated => {
+            "too many requests without valid credentials from this address ([rate_limit.unauthenticated]); the connection is closed"
+        }
     };
     let body = serde_json::to_vec(&ErrorBody {
         detail,
@@ -198,15 +203,40 @@ fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
-/// 422 in Datafold's HTTPValidationError shape for a path parameter that is not an integer.
-pub fn invalid_integer(param: &'static str) -> Response<Body> {
-    let body = serde_json::json!({
-        "detail": [{
+/// Why a path parameter is not an id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadInteger {
+    /// Not an integer at all.
+    NotInteger,
+    /// An integer above the largest id (`i64::MAX`).
+    TooLarge,
+    /// An integer below the smallest id (`i64::MIN`).
+    TooSmall,
+}
+
+/// 422 in Datafold's HTTPValidationError shape for a path parameter that is not an id; an
+/// integer out of range says which bound it crossed, as Datafold's validation does.
+pub fn invalid_integer(param: &'static str, why: BadInteger) -> Response<Body> {
+    let entry = match why {
+        BadInteger::NotInteger => serde_json::json!({
             "loc": ["path", param],
             "msg": "Input should be a valid integer, unable to parse string as an integer",
             "type": "int_parsing",
-        }]
-    });
+        }),
+        BadInteger::TooLarge => serde_json::json!({
+            "loc": ["path", param],
+            "msg": format!("Input should be less than or equal to {}", i64::MAX),
+            "type": "less_than_equal",
+            "ctx": {"le": i64::MAX},
+        }),
+        BadInteger::TooSmall => serde_json::json!({
+            "loc": ["path", param],
+            "msg": format!("Input should be greater than or equal to {}", i64::MIN),
+            "type": "greater_than_equal",
+            "ctx": {"ge": i64::MIN},
+        }),
+    };
+    let body = serde_json::json!({ "detail": [entry] });
     let mut response = json(
         StatusCode::UNPROCESSABLE_ENTITY,
         serde_json::to_vec(&body).unwrap_or_default(),
@@ -229,7 +259,27 @@ pub enum UpstreamFailure {
     Timeout,
     /// The connection broke mid-exchange.
     Reset,
+    /// The answer was larger than `limits.max_response_bytes`.
+    TooLarge,
+    /// The answer was not one a proxy can pass on (an interim 1xx status as the final answer).
+    InvalidResponse,
 }
+
+impl std::fmt::Display for UpstreamFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Connect => "cannot connect",
+            Self::Tls => "TLS failed",
+            Self::Timeout => "timed out",
+            Self::Reset => "connection broke",
+            Self::TooLarge => "answer larger than limits.max_response_bytes",
+            Self::InvalidResponse => "an interim (1xx) status as the final answer",
+        })
+    }
+}
+
+/// So that the exchange can fail with a kind it found itself, classified like any other error.
+impl StdError for UpstreamFailure {}
 
 impl UpstreamFailure {
     /// The `kind` label of `datafold_gateway_upstream_errors_total`.
@@ -239,6 +289,8 @@ impl UpstreamFailure {
             Self::Tls => "tls",
             Self::Timeout => "timeout",
             Self::Reset => "reset",
+            Self::TooLarge => "too_large",
+            Self::InvalidResponse => "invalid_response",
         }
     }
 
@@ -247,6 +299,9 @@ impl UpstreamFailure {
         let mut connect = false;
         let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
         while let Some(e) = cause {
+            if let Some(found) = e.downcast_ref::<Self>() {
+                return *found;
+            }
             if e.is::<rustls::Error>() {
                 return Self::Tls;
             }
@@ -291,6 +346,16 @@ impl UpstreamFailure {
                 ErrorCode::UpstreamUnreachable,
                 format!("the connection to {upstream} broke before a complete answer"),
             ),
+            Self::TooLarge => (
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::UpstreamResponseTooLarge,
+                format!("{upstream} answered with more than limits.max_response_bytes"),
+            ),
+            Self::InvalidResponse => (
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::UpstreamInvalidResponse,
+                format!("{upstream} answered with an interim (1xx) status as its final answer"),
+            ),
         };
         let mut response = error_response(status, code, &detail);
         response
@@ -327,7 +392,7 @@ mod tests {
 
     #[test]
     fn invalid_integer_matches_datafold_shape() {
-        let response = invalid_integer("job_id");
+        let response = invalid_integer("job_id", BadInteger::NotInteger);
         assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
         let body = futures_util::FutureExt::now_or_never(http_body_util::BodyExt::collect(
             response.into_body(),

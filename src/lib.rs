@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod audit;
 pub mod audit_query;
+pub mod audit_sampling;
 pub mod config;
 pub mod demo;
 pub mod error;

@@ -40,6 +40,11 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -74,6 +79,8 @@ pub struct Metrics {
     pub audit_write_errors: Counter,
     pub in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub caller_requests: Family<CallerLabels, Counter>,
+    pub headers_dropped: Family<DirectionLabels, Counter>,
+    pub audit_suppressed: Counter,
 }
 
 impl Default for Metrics {
@@ -89,6 +96,8 @@ impl Default for Metrics {
             audit_write_errors: Counter::<u64, AtomicU64>::default(),
             in_flight: Gauge::default(),
             caller_requests: Family::default(),
+            headers_dropped: Family::default(),
+            audit_suppressed: Counter::default(),
         }
     }
 }
@@ -148,6 +157,16 @@ impl Metrics {
             self.caller_requests.clone(),
         );
         registry.register(
+            "headers_dropped",
+            "Header values not on an allow-list, dropped; direction is request (to Datafold) or response (to the caller)",
+            self.headers_dropped.clone(),
+        );
+        registry.register(
+            "audit_records_suppressed",
+            "Refusals of unauthenticated peers counted in a summary audit record instead of a record each",
+            self.audit_suppressed.clone(),
+        );
+        registry.register(
             "build",
             "The gateway's version",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
@@ -160,6 +179,7 @@ impl Metrics {
             Limit::Global => "global",
             Limit::Caller => "caller",
             Limit::DataSource => "data_source",
+            Limit::Unauthenticated => "unauthenticated",
         };
         self.rate_limited
             .get_or_create(&LimitLabels { limit })

@@ -30,7 +30,8 @@ use tower::{Service, ServiceExt};
 
 use crate::admin::{self, Health};
 use crate::audit::{AuditLog, WriterOptions};
-use crate::config::{ApiKeySource, Config};
+use crate::audit_sampling::RefusalSampler;
+use crate::config::{ApiKeySource, Config, OnAuditFailure};
 use crate::metrics::Metrics;
 use crate::middleware::audit::RequestTasks;
 use crate::middleware::caller::{CallerBook, Peer};
@@ -134,6 +135,7 @@ impl Gateway {
             callers: Arc::new(ArcSwap::from_pointee(CallerBook::new(&config.callers))),
             jobs: Arc::new(JobBook::new(max_jobs)),
             client: prepared.client,
+            refusals: Arc::default(),
         };
         let control = Control::new(&parts);
         Ok(Self {
@@ -179,7 +181,12 @@ impl Gateway {
         } = self;
         let tasks = parts.tasks.clone();
         let audit = parts.audit.clone();
+        let refusals = parts.refusals.clone();
         tokio::spawn(Limiters::sweep_every(Arc::downgrade(&parts.limiters)));
+        tokio::spawn(RefusalSampler::flush_every(
+            Arc::downgrade(&refusals),
+            audit.clone(),
+        ));
         // With the key in a file, a change in its folder (a Secret update) loads it anew.
         let _key_watch = match &config.api_key {
             ApiKeySource::File(path) => match reload::watch_key_file(path, control) {
@@ -196,6 +203,7 @@ impl Gateway {
 
         let health = Arc::new(Health {
             metrics: registry,
+            audit: (config.audit.on_failure == OnAuditFailure::Refuse).then(|| audit.clone()),
             ..Health::default()
         });
         let (stop_tx, stop_rx) = watch::channel(false);
@@ -272,6 +280,8 @@ impl Gateway {
         let _ = stop_tx.send(true);
         drain(connections, &tasks, config.limits.shutdown_grace).await;
         admin_task.abort();
+        // The last refusals counted but not yet summarised.
+        refusals.flush(&audit).await;
         // Past this, every record is in the file; a disk that stalls must not stall the exit.
         if tokio::time::timeout(AUDIT_CLOSE_LIMIT, audit.close())
             .await
@@ -381,12 +391,13 @@ async fn serve_tls_connection<S, B>(
 {
     let stream = match tokio::time::timeout(deadlines.first_request, tls.accept(stream)).await {
         Ok(Ok(stream)) => stream,
+        // Debug only: anyone who can connect can fail a handshake, as often as they like.
         Ok(Err(e)) => {
-            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
-            tracing::info!(%peer, "TLS handshake not completed in time; closing");
+            tracing::debug!(%peer, "TLS handshake not completed in time; closing");
             return;
         }
     };
@@ -420,6 +431,7 @@ async fn serve_connection<I, S, B>(
 {
     let activity = Arc::new(Activity::new());
     let addr = peer.addr;
+    let asked_to_close = peer.clone();
     let service = PerConnection {
         stack,
         peer,
@@ -441,6 +453,13 @@ async fn serve_connection<I, S, B>(
             }
             _ = stop.changed(), if !closing => {
                 // Shutdown: the grace period in `drain` bounds how long this may take.
+                closing = true;
+                connection.as_mut().graceful_shutdown();
+            }
+            () = asked_to_close.closing(), if !closing => {
+                // A layer refused this connection's caller for good (see `Peer::close_connection`):
+                // the answer goes out, then the connection closes. The idle deadline still bounds
+                // a client that does not read it.
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }

@@ -12,15 +12,16 @@ use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::audit::AuditLog;
+use crate::audit_sampling::RefusalSampler;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::middleware::api_key::InjectApiKeyLayer;
 use crate::middleware::audit::{AuditLayer, RequestTasks};
-use crate::middleware::body_limit::BodyLimitLayer;
 use crate::middleware::caller::{IdentifyCallerLayer, SharedCallers};
 use crate::middleware::jobs::{JobBook, JobOwnershipLayer};
 use crate::middleware::overload::ShedOverloadLayer;
 use crate::middleware::rate_limit::{RateLimitLayer, SharedLimiters};
+use crate::middleware::read_body::ReadBodyLayer;
 use crate::middleware::request_id::{drop_unusable_request_id, X_REQUEST_ID};
 use crate::middleware::route::AllowRoutesLayer;
 use crate::secret::SharedKey;
@@ -38,6 +39,7 @@ pub struct StackParts {
     pub callers: SharedCallers,
     pub jobs: Arc<JobBook>,
     pub client: HttpsClient,
+    pub refusals: Arc<RefusalSampler>,
 }
 
 /// Builds the service that answers every request on the main listener.
@@ -84,24 +86,35 @@ where
                 )
             }),
         )
-        // Every answer from here inward is audited, refusals included; each request runs to its
-        // end even if its caller hangs up.
+        // Every answer from here inward is audited, refusals included (a stranger's only
+        // sampled, see `audit_sampling.rs`); each request runs to its end even if its caller
+        // hangs up.
         .layer(AuditLayer::new(
             parts.audit,
             parts.tasks,
             parts.metrics.clone(),
             config.audit.on_failure,
+            parts.refusals,
         ))
-        // Who is calling; authenticated modes refuse strangers here, before anything else.
-        .layer(IdentifyCallerLayer::new(parts.callers.clone()))
+        // Who is calling; authenticated modes refuse strangers here, before anything else, and
+        // limit how often one address may be refused.
+        .layer(IdentifyCallerLayer::new(
+            parts.callers.clone(),
+            parts.limiters.clone(),
+        ))
+        // The allow-list: only the two test endpoints go further. Cheap, and it tells the body
+        // reader which route it reads for.
+        .layer(AllowRoutesLayer)
+        // The body is read in full (bounded in size and time) before anything shared is taken:
+        // a slow body holds only its own connection.
+        .layer(ReadBodyLayer::new(
+            config.limits.max_body_bytes,
+            config.limits.body_read_timeout,
+        ))
         // Shedding comes before any real work is done for the request.
         .layer(ShedOverloadLayer::new(
             config.limits.max_concurrent_requests,
         ))
-        // The allow-list: only the two test endpoints go further.
-        .layer(AllowRoutesLayer)
-        // An oversized body is refused before it costs a rate-limit token.
-        .layer(BodyLimitLayer::new(config.limits.max_body_bytes))
         // Another caller's job is refused before it costs a token; started jobs are noted on
         // the way out.
         .layer(JobOwnershipLayer::new(parts.jobs, parts.callers))
@@ -109,12 +122,5 @@ where
         .layer(RateLimitLayer::new(parts.limiters))
         // The key goes on last, after the caller's credentials are stripped.
         .layer(InjectApiKeyLayer::new(parts.key))
-        .service(Forward::new(
-            parts.client,
-            parts.metrics,
-            config.upstream.url.clone(),
-            config.upstream.timeout,
-            config.limits.max_body_bytes,
-            config.limits.header_read_timeout,
-        ))
+        .service(Forward::new(parts.client, parts.metrics, config))
 }

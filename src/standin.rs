@@ -349,10 +349,19 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/json"),
     );
-    // An end-to-end header of the upstream's own, which a proxy must pass through.
+    // Datafold's quota, which the gateway passes back to callers...
+    headers.insert(
+        "x-ratelimit-remaining",
+        http::HeaderValue::from_static("99"),
+    );
+    // ...and headers it does not: one of the upstream's own, and a cookie for the key's user.
     headers.insert(
         "x-datafold-request",
         http::HeaderValue::from_static("standin"),
+    );
+    headers.insert(
+        http::header::SET_COOKIE,
+        http::HeaderValue::from_static("session=standin-session; Secure; HttpOnly"),
     );
     // Upstreams have request ids of their own; the caller must get the gateway's.
     headers.insert(

@@ -52,7 +52,7 @@ impl Recorder {
     }
 }
 
-/// Sends one empty-bodied request through `service`.
+/// Sends one empty-bodied HTTP/1.1 request (with its `Host`) through `service`.
 pub async fn call<S>(service: S, method: Method, path: &str) -> Response<Body>
 where
     S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>,
@@ -60,6 +60,7 @@ where
     let request = Request::builder()
         .method(method)
         .uri(path)
+        .header(http::header::HOST, "gateway.test")
         .body(Body::default())
         .unwrap();
     service.oneshot(request).await.unwrap()

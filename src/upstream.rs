@@ -5,10 +5,15 @@
 //! `upstream.ca_file`; there is no switch to turn verification off. Connections are pooled and
 //! reused, over HTTP/2 where the upstream offers it by ALPN.
 //!
-//! The caller's request body is read in full (it is `{}` in practice, capped by
-//! `limits.max_body_bytes`) and sent with a `Content-Length` of the gateway's own counting, so
-//! however the caller framed its body, the upstream sees exactly one well-framed request. The
-//! answer is read in full too, within `upstream.timeout`, so that its `job_id` can be audited.
+//! The caller's request body arrives here read in full (by `middleware/read_body.rs`) and is sent
+//! with a `Content-Length` of the gateway's own counting, so however the caller framed its body,
+//! the upstream sees exactly one well-framed request. The answer is read in full too, within
+//! `upstream.timeout` and `limits.max_response_bytes`, so that its `job_id` can be audited.
+//!
+//! Headers cross by allow-list, both ways ([`AllowedHeaders`]): only what the gateway chose
+//! reaches Datafold (no `X-Forwarded-*`, method overrides or cookies), and only what it chose
+//! reaches the caller (no `Set-Cookie` issued to the key's user). What is dropped is counted in
+//! `datafold_gateway_headers_dropped_total{direction}`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, CONNECTION, CONTENT_LENGTH, HOST};
+use http::header::{self, HeaderMap, HeaderName, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_rustls::HttpsConnector;
@@ -33,17 +38,14 @@ use serde::Deserialize;
 use tower::Service;
 
 use crate::audit::{AuditFacts, Outcome, TestSteps};
-use crate::config::{Upstream as UpstreamConfig, UpstreamUrl};
+use crate::config::{Config, Upstream as UpstreamConfig, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
-use crate::metrics::{KindLabels, Metrics, RouteLabels};
+use crate::metrics::{DirectionLabels, KindLabels, Metrics, RouteLabels};
 use crate::middleware::request_id::X_REQUEST_ID;
 use crate::middleware::route::Route;
 use crate::Body;
 
 pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
-
-/// Largest upstream answer read; Datafold's answers to these two endpoints are a few KiB.
-const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Builds the TLS trust roots: the public web roots plus the PEM certificates in `ca_file`.
 pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
@@ -101,7 +103,7 @@ pub fn client(config: &UpstreamConfig) -> Result<HttpsClient, String> {
         .build(https))
 }
 
-/// Forwards an allowed request (one with a [`Route`]) to the upstream.
+/// Forwards an allowed request (one with a [`Route`], its body read) to the upstream.
 #[derive(Clone)]
 pub struct Forward {
     shared: Arc<Shared>,
@@ -112,37 +114,28 @@ struct Shared {
     metrics: Metrics,
     url: UpstreamUrl,
     timeout: Duration,
-    max_body_bytes: usize,
-    body_read_timeout: Duration,
+    max_response_bytes: usize,
+    request_headers: AllowedHeaders,
+    response_headers: AllowedHeaders,
 }
 
 impl Forward {
-    pub fn new(
-        client: HttpsClient,
-        metrics: Metrics,
-        url: UpstreamUrl,
-        timeout: Duration,
-        max_body_bytes: usize,
-        body_read_timeout: Duration,
-    ) -> Self {
+    pub fn new(client: HttpsClient, metrics: Metrics, config: &Config) -> Self {
         Self {
             shared: Arc::new(Shared {
                 client,
                 metrics,
-                url,
-                timeout,
-                max_body_bytes,
-                body_read_timeout,
+                url: config.upstream.url.clone(),
+                timeout: config.upstream.timeout,
+                max_response_bytes: config.limits.max_response_bytes,
+                request_headers: AllowedHeaders::request(&config.upstream.forward_headers),
+                response_headers: AllowedHeaders::response(&config.upstream.return_headers),
             }),
         }
     }
 }
 
-impl<B> Service<Request<B>> for Forward
-where
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+impl Service<Request<Body>> for Forward {
     type Response = Response<Body>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
@@ -151,7 +144,7 @@ where
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, request: Request<B>) -> Self::Future {
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
         let shared = self.shared.clone();
         Box::pin(async move { Ok(shared.forward(request).await) })
     }
@@ -192,6 +185,15 @@ impl TestResults {
 }
 
 impl Shared {
+    fn count_dropped(&self, direction: &'static str, dropped: u64) {
+        if dropped > 0 {
+            self.metrics
+                .headers_dropped
+                .get_or_create(&DirectionLabels { direction })
+                .inc_by(dropped);
+        }
+    }
+
     fn count_failure(&self, failure: UpstreamFailure) {
         self.metrics
             .upstream_errors
@@ -201,37 +203,13 @@ impl Shared {
             .inc();
     }
 
-    async fn forward<B>(&self, request: Request<B>) -> Response<Body>
-    where
-        B: http_body::Body<Data = Bytes>,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
-        let (mut parts, body) = request.into_parts();
+    async fn forward(&self, request: Request<Body>) -> Response<Body> {
+        let (parts, body) = request.into_parts();
         let Some(route) = parts.extensions.get::<Route>().copied() else {
             // Only the route layer lets requests through, and it always says which route.
             tracing::error!("a request reached the upstream without a route");
             return error::internal_error();
         };
-        let body = match tokio::time::timeout(
-            self.body_read_timeout,
-            Limited::new(body, self.max_body_bytes).collect(),
-        )
-        .await
-        {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-                return error::payload_too_large(self.max_body_bytes)
-            }
-            Ok(Err(_)) => return error::bad_request("the request body could not be read"),
-            Err(_) => {
-                return error::error_response(
-                    StatusCode::REQUEST_TIMEOUT,
-                    error::ErrorCode::RequestTimeout,
-                    "the request body was not received within limits.header_read_timeout",
-                )
-            }
-        };
-
         let uri = match self.url.join(&route.upstream_path()) {
             Ok(uri) => uri,
             Err(e) => {
@@ -239,26 +217,40 @@ impl Shared {
                 return error::internal_error();
             }
         };
-        // Hop-by-hop headers were stripped at the edge of the stack (see `stack.rs`).
-        parts.headers.remove(HOST);
-        // The body is already here in full: nothing for the upstream to say "continue" to.
-        parts.headers.remove(header::EXPECT);
-        parts
-            .headers
-            .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-        let mut upstream_request = Request::new(Full::new(body));
+        let (mut headers, dropped) = self.request_headers.keep(parts.headers);
+        self.count_dropped("request", dropped);
+        // The body was read in full before the request got this far: its length is known.
+        let length = http_body::Body::size_hint(&body).exact().unwrap_or(0);
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        // Every answer is read for its audit facts (job id, test status): ask for it plain.
+        headers.insert(ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        let mut upstream_request = Request::new(body);
         *upstream_request.method_mut() = parts.method;
         *upstream_request.uri_mut() = uri;
         *upstream_request.version_mut() = Version::HTTP_11;
-        *upstream_request.headers_mut() = parts.headers;
+        *upstream_request.headers_mut() = headers;
 
+        let max = self.max_response_bytes;
         let exchange = async {
             let response = self.client.request(upstream_request).await?;
             let (parts, body) = response.into_parts();
-            let body = Limited::new(body, MAX_RESPONSE_BYTES)
-                .collect()
-                .await?
-                .to_bytes();
+            if parts.status.is_informational() {
+                return Err(UpstreamFailure::InvalidResponse.into());
+            }
+            let declared = parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            if declared.is_some_and(|len| len > max as u64) {
+                return Err(UpstreamFailure::TooLarge.into());
+            }
+            let body = match Limited::new(body, max).collect().await {
+                Ok(collected) => collected.to_bytes(),
+                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                    return Err(UpstreamFailure::TooLarge.into())
+                }
+                Err(e) => return Err(e),
+            };
             Ok::<_, Box<dyn std::error::Error + Send + Sync>>((parts, body))
         };
         let started = Instant::now();
@@ -269,7 +261,7 @@ impl Shared {
                 route: route.name(),
             })
             .observe(started.elapsed().as_secs_f64());
-        let (mut parts, body) = match result {
+        let (parts, body) = match result {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {
                 let failure = UpstreamFailure::classify(e.as_ref());
@@ -296,13 +288,13 @@ impl Shared {
             Route::TestResult { .. } if ok => serde_json::from_slice::<TestResults>(&body).ok(),
             _ => None,
         };
-        remove_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(CONTENT_LENGTH);
-        // The request id is the gateway's: the caller's or the one it made, never Datafold's.
-        parts.headers.remove(X_REQUEST_ID);
-        parts.extensions = http::Extensions::new();
-        let status = parts.status.as_u16();
-        let mut response = Response::from_parts(parts, Body::from(body));
+        let status = parts.status;
+        let (headers, dropped) = self.response_headers.keep(parts.headers);
+        self.count_dropped("response", dropped);
+        let mut response = Response::new(Body::from(body));
+        *response.status_mut() = status;
+        *response.headers_mut() = headers;
+        let status = status.as_u16();
         let facts = response
             .extensions_mut()
             .get_or_insert_default::<AuditFacts>();
@@ -351,6 +343,89 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in doomed {
         headers.remove(name);
+    }
+}
+
+/// Caller headers that reach Datafold, besides `upstream.forward_headers`. `Authorization` is
+/// the gateway's by now (the key layer set it); `Content-Length` and `Accept-Encoding` are set
+/// by the gateway after this list is applied.
+const FORWARDED: [HeaderName; 5] = [
+    header::AUTHORIZATION,
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    header::USER_AGENT,
+    HeaderName::from_static(X_REQUEST_ID),
+];
+
+/// Datafold headers that reach the caller, besides `upstream.return_headers` and the
+/// `RateLimit-*` and `X-RateLimit-*` families (Datafold's quota, useful to callers).
+/// `Content-Length` is the gateway's, and so is `X-Request-Id`, set further out.
+const RETURNED: [HeaderName; 6] = [
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::CACHE_CONTROL,
+    header::DATE,
+    header::RETRY_AFTER,
+    header::VARY,
+];
+
+/// Prefixes of header families passed back to callers.
+const RETURNED_PREFIXES: [&str; 2] = ["ratelimit-", "x-ratelimit-"];
+
+/// The headers allowed across the gateway in one direction; everything else is dropped.
+#[derive(Debug, Clone)]
+pub struct AllowedHeaders {
+    names: Vec<HeaderName>,
+    prefixes: &'static [&'static str],
+}
+
+impl AllowedHeaders {
+    /// What goes from callers to Datafold: [`FORWARDED`] and `extra`.
+    pub fn request(extra: &[crate::config::HeaderName]) -> Self {
+        Self {
+            names: FORWARDED
+                .iter()
+                .cloned()
+                .chain(extra.iter().map(|n| n.0.clone()))
+                .collect(),
+            prefixes: &[],
+        }
+    }
+
+    /// What goes from Datafold back to callers: [`RETURNED`], the quota families and `extra`.
+    pub fn response(extra: &[crate::config::HeaderName]) -> Self {
+        Self {
+            names: RETURNED
+                .iter()
+                .cloned()
+                .chain(extra.iter().map(|n| n.0.clone()))
+                .collect(),
+            prefixes: &RETURNED_PREFIXES,
+        }
+    }
+
+    pub fn allows(&self, name: &HeaderName) -> bool {
+        self.names.contains(name) || self.prefixes.iter().any(|p| name.as_str().starts_with(p))
+    }
+
+    /// The allowed headers of `headers` (all their values), and how many values were dropped.
+    pub fn keep(&self, headers: HeaderMap) -> (HeaderMap, u64) {
+        let mut kept = HeaderMap::with_capacity(headers.keys_len().min(self.names.len() + 4));
+        let mut dropped = 0;
+        let mut current: Option<HeaderName> = None;
+        for (name, value) in headers {
+            // Later values of a name come without it: they follow their first.
+            if let Some(name) = name {
+                current = self.allows(&name).then_some(name);
+            }
+            match &current {
+                Some(name) => {
+                    kept.append(name.clone(), value);
+                }
+                None => dropped += 1,
+            }
+        }
+        (kept, dropped)
     }
 }
 

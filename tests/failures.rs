@@ -264,8 +264,8 @@ async fn silent_connection_is_disconnected_after_header_read_timeout() {
 }
 
 #[tokio::test]
-async fn body_that_never_arrives_is_answered_408_after_header_read_timeout() {
-    let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
+async fn body_that_never_arrives_is_answered_408_after_body_read_timeout() {
+    let mut h = Harness::start(|c| c.limits.body_read_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     stream
         .write_all(b"POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\ncontent-length: 10\r\n\r\n{}")

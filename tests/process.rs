@@ -243,8 +243,10 @@ async fn send(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) ->
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
+    // A result poll carries no body; a test start carries `{}`.
+    let body = if method == "GET" { "" } else { "{}" };
     let response = client
-        .request(request.body(Full::new(Bytes::from_static(b"{}"))).unwrap())
+        .request(request.body(Full::new(Bytes::from(body))).unwrap())
         .await
         .unwrap();
     let status = response.status().as_u16();
@@ -524,7 +526,7 @@ async fn token_mode_keeps_tokens_out_of_logs_audit_and_upstream() {
 }
 
 #[tokio::test]
-async fn a_failed_client_certificate_handshake_is_one_info_line() {
+async fn a_failed_client_certificate_handshake_is_one_debug_line_and_counted() {
     let setup = setup_with(
         |dir, ca| {
             let (cert, key) = (dir.join("gw.pem"), dir.join("gw-key.pem"));
@@ -557,7 +559,8 @@ async fn a_failed_client_certificate_handshake_is_one_info_line() {
         .filter(|line| line["message"] == "TLS handshake failed")
         .collect();
     assert_eq!(failures.len(), 1, "{log}");
-    assert_eq!(failures[0]["level"], "INFO");
+    // Anyone who can connect can fail a handshake: it costs no log volume at the default level.
+    assert_eq!(failures[0]["level"], "DEBUG");
     assert!(
         !log.contains("backtrace") && !log.contains("panicked"),
         "{log}"

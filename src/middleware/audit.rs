@@ -20,14 +20,17 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::FutureExt;
-use http::{Request, Response};
+use std::net::IpAddr;
+
+use http::{Method, Request, Response, Uri, Version};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
 use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
-use crate::audit::{AuditFacts, AuditLog, Outcome, Record};
+use crate::audit::{bounded_path, AuditFacts, AuditLog, Outcome, Record};
+use crate::audit_sampling::{RefusalKind, RefusalSampler};
 use crate::config::OnAuditFailure;
 use crate::metrics::{self, CallerLabels, Metrics, RequestLabels, RouteLabels};
 use crate::{error, Body};
@@ -53,6 +56,8 @@ struct Shared {
     metrics: Metrics,
     /// Refuse to forward while records cannot be written (`audit.on_failure = "refuse"`).
     refuse_unaudited: bool,
+    /// Which refusals of strangers get a record of their own.
+    refusals: Arc<RefusalSampler>,
 }
 
 impl AuditLayer {
@@ -61,6 +66,7 @@ impl AuditLayer {
         tasks: RequestTasks,
         metrics: Metrics,
         on_failure: OnAuditFailure,
+        refusals: Arc<RefusalSampler>,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
@@ -68,6 +74,7 @@ impl AuditLayer {
                 tasks,
                 metrics,
                 refuse_unaudited: on_failure == OnAuditFailure::Refuse,
+                refusals,
             }),
         }
     }
@@ -96,8 +103,25 @@ struct Seen {
     started: Instant,
     request_id: Option<String>,
     peer: Option<Arc<str>>,
+    peer_ip: Option<IpAddr>,
     method: http::Method,
+    /// See [`audited_target`].
     path: String,
+}
+
+/// What a record says was asked for: the path, without the query (it could carry anything, and
+/// is never forwarded). A CONNECT request has no path: its `host:port` is recorded; an
+/// HTTP/1 request in absolute form is recorded as the URL it named. User information
+/// (`user:password@`) never reaches the record.
+fn audited_target(method: &Method, version: Version, uri: &Uri) -> String {
+    let authority = uri.authority().and_then(|a| a.as_str().rsplit('@').next());
+    if *method == Method::CONNECT {
+        return authority.unwrap_or(uri.path()).to_owned();
+    }
+    match (version < Version::HTTP_2, uri.scheme_str(), authority) {
+        (true, Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
+        _ => uri.path().to_owned(),
+    }
 }
 
 impl<S, B> Service<Request<B>> for Audit<S>
@@ -126,8 +150,9 @@ where
                 .extensions()
                 .get::<Peer>()
                 .map(|p| p.addr_text.clone()),
+            peer_ip: request.extensions().get::<Peer>().map(|p| p.addr.ip()),
             method: request.method().clone(),
-            path: request.uri().path().to_owned(),
+            path: audited_target(request.method(), request.version(), request.uri()),
         };
         // While the last write failed, nothing is forwarded that might not be audited. The
         // refusal is itself a write attempt: once one succeeds, requests flow again.
@@ -158,7 +183,7 @@ where
                     }
                 }
             };
-            write_record(seen, response, &shared.log, &shared.metrics).await
+            write_record(seen, response, &shared).await
         }));
         Audited { work: Some(work) }
     }
@@ -216,24 +241,22 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Appends the request's record and counts it; returns the response, its facts removed.
-async fn write_record(
-    seen: Seen,
-    mut response: Response<Body>,
-    log: &AuditLog,
-    metrics: &Metrics,
-) -> Response<Body> {
+/// Appends the request's record (or, for a stranger, counts it towards a summary) and counts
+/// it in the metrics; returns the response, its facts removed.
+async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared) -> Response<Body> {
     let facts = response
         .extensions_mut()
         .remove::<AuditFacts>()
         .unwrap_or_default();
+    let (path, path_truncated) = bounded_path(&seen.path);
     let record = Record {
         ts: humantime::format_rfc3339_micros(seen.ts).to_string(),
         request_id: seen.request_id.as_deref(),
         caller: facts.caller.as_deref(),
         peer: seen.peer.as_deref(),
-        method: seen.method.as_str(),
-        path: &seen.path,
+        method: Some(seen.method.as_str()),
+        path: Some(path),
+        path_truncated,
         route: facts.route,
         data_source_id: facts.data_source_id,
         job_id: facts.job_id,
@@ -244,14 +267,26 @@ async fn write_record(
         test_status: facts.test_status.as_deref(),
         test_steps: facts.test_steps.as_ref(),
         duration_ms: (seen.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
+        suppressed: None,
     };
     count(
-        metrics,
+        &shared.metrics,
         &record,
         facts.caller_listed,
         seen.started.elapsed(),
     );
-    log.append(&record).await;
+    if facts.stranger {
+        let kind = RefusalKind {
+            status: record.status,
+            outcome: record.outcome,
+            limit: record.limit,
+        };
+        if !shared.refusals.admit(seen.peer_ip, kind, seen.ts) {
+            shared.metrics.audit_suppressed.inc();
+            return response;
+        }
+    }
+    shared.log.append(&record).await;
     response
 }
 
@@ -314,6 +349,7 @@ mod tests {
             RequestTasks::default(),
             Metrics::default(),
             OnAuditFailure::Refuse,
+            Arc::default(),
         )
         .layer(inner);
         let mut request = Request::builder()
@@ -363,6 +399,7 @@ mod tests {
             RequestTasks::default(),
             Metrics::default(),
             OnAuditFailure::Refuse,
+            Arc::default(),
         )
         .layer(inner);
         let response = service

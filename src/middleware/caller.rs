@@ -11,6 +11,12 @@
 //!
 //! The caller's own `Authorization` header never goes further than this layer: the key layer
 //! sets the Datafold key in its place.
+//!
+//! Strangers cost the callers nothing: their refusals are logged at debug only, sampled in the
+//! audit (see `audit_sampling.rs`), and limited per peer address by
+//! `[rate_limit.unauthenticated]`. Past that limit the answer is 429 and the connection is closed,
+//! so a flood pays a new handshake per few requests. A request with valid credentials is never
+//! counted against that limit, even from an address strangers also use (a NAT, an ingress).
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
@@ -20,13 +26,14 @@ use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use futures_util::future::Either;
-use http::header::AUTHORIZATION;
-use http::{HeaderMap, Request, Response};
+use http::header::{AUTHORIZATION, CONNECTION};
+use http::{HeaderMap, HeaderValue, Request, Response, Version};
 use subtle::ConstantTimeEq;
 use tower::{Layer, Service};
 
+use super::rate_limit::SharedLimiters;
 use super::{record_fact, refuse, Fact, Refuse, Stamped};
-use crate::audit::AuditFacts;
+use crate::audit::{AuditFacts, Limit};
 use crate::config::{CallerMode, Callers, TokenDigest};
 use crate::{error, Body};
 
@@ -40,6 +47,8 @@ pub struct Peer {
     pub ip: Arc<str>,
     /// The name in the client certificate verified during the TLS handshake, if any.
     pub tls_identity: Option<Arc<str>>,
+    /// Asks the connection to close once the answer in flight is sent.
+    close: Arc<tokio::sync::Notify>,
 }
 
 impl Peer {
@@ -49,7 +58,18 @@ impl Peer {
             addr_text: addr.to_string().into(),
             ip: addr.ip().to_string().into(),
             tls_identity: None,
+            close: Arc::default(),
         }
+    }
+
+    /// Closes the connection after the answer in flight (HTTP/1: no keep-alive; HTTP/2: GOAWAY).
+    pub fn close_connection(&self) {
+        self.close.notify_one();
+    }
+
+    /// Resolves once [`close_connection`](Self::close_connection) was called for this connection.
+    pub async fn closing(&self) {
+        self.close.notified().await;
     }
 
     pub fn with_tls_identity(mut self, identity: Option<String>) -> Self {
@@ -72,6 +92,18 @@ impl Fact for CallerId {
 pub struct Identified {
     id: CallerId,
     listed: bool,
+}
+
+/// A request refused for want of credentials.
+struct Stranger(Option<CallerId>);
+
+impl Fact for Stranger {
+    fn record(self, facts: &mut AuditFacts) {
+        facts.stranger = true;
+        if let Some(caller) = self.0 {
+            caller.record(facts);
+        }
+    }
 }
 
 impl Fact for Identified {
@@ -237,11 +269,12 @@ fn bearer_token(headers: &HeaderMap) -> Result<&[u8], Refusal> {
 #[derive(Debug, Clone)]
 pub struct IdentifyCallerLayer {
     book: SharedCallers,
+    limiters: SharedLimiters,
 }
 
 impl IdentifyCallerLayer {
-    pub fn new(book: SharedCallers) -> Self {
-        Self { book }
+    pub fn new(book: SharedCallers, limiters: SharedLimiters) -> Self {
+        Self { book, limiters }
     }
 }
 
@@ -252,6 +285,7 @@ impl<S> Layer<S> for IdentifyCallerLayer {
         IdentifyCaller {
             inner,
             book: self.book.clone(),
+            limiters: self.limiters.clone(),
         }
     }
 }
@@ -260,6 +294,7 @@ impl<S> Layer<S> for IdentifyCallerLayer {
 pub struct IdentifyCaller<S> {
     inner: S,
     book: SharedCallers,
+    limiters: SharedLimiters,
 }
 
 impl<S, B> Service<Request<B>> for IdentifyCaller<S>
@@ -287,14 +322,40 @@ where
                 };
                 Either::Right(Stamped::new(self.inner.call(request), identified))
             }
-            Err(Refusal::Unauthorized(why)) => {
-                tracing::info!(reason = why, "caller refused: not authenticated");
-                refuse(error::unauthorized(why))
-            }
-            Err(Refusal::Forbidden(caller)) => {
-                tracing::info!(caller = &*caller.0, "caller refused: not in callers.allow");
-                let mut response = error::forbidden();
-                record_fact(&mut response, caller);
+            Err(refusal) => {
+                let limited =
+                    peer.and_then(|p| self.limiters.load().check_stranger(p.addr.ip()).err());
+                let (mut response, caller) = match (limited, refusal) {
+                    (Some(wait), refusal) => {
+                        tracing::debug!("caller refused: too many requests without valid credentials; closing the connection");
+                        if let Some(peer) = peer {
+                            peer.close_connection();
+                        }
+                        let mut response = error::rate_limited(Limit::Unauthenticated, wait);
+                        if request.version() < Version::HTTP_2 {
+                            response
+                                .headers_mut()
+                                .insert(CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        let caller = match refusal {
+                            Refusal::Forbidden(caller) => Some(caller),
+                            Refusal::Unauthorized(_) => None,
+                        };
+                        (response, caller)
+                    }
+                    (None, Refusal::Unauthorized(why)) => {
+                        tracing::debug!(reason = why, "caller refused: not authenticated");
+                        (error::unauthorized(why), None)
+                    }
+                    (None, Refusal::Forbidden(caller)) => {
+                        tracing::debug!(
+                            caller = &*caller.0,
+                            "caller refused: not in callers.allow"
+                        );
+                        (error::forbidden(), Some(caller))
+                    }
+                };
+                record_fact(&mut response, Stranger(caller));
                 refuse(response)
             }
         }
@@ -311,7 +372,10 @@ mod tests {
     async fn open_mode_caller_is_the_peer_ip() {
         let recorder = Recorder::default();
         let book = Arc::new(ArcSwap::from_pointee(CallerBook::new(&Callers::default())));
-        let service = IdentifyCallerLayer::new(book).layer(recorder.service());
+        let limiters = Arc::new(ArcSwap::from_pointee(
+            crate::middleware::rate_limit::Limiters::new(&Default::default(), []),
+        ));
+        let service = IdentifyCallerLayer::new(book, limiters).layer(recorder.service());
         let mut request = Request::new(Body::default());
         request
             .extensions_mut()

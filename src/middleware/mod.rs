@@ -7,11 +7,11 @@
 
 pub mod api_key;
 pub mod audit;
-pub mod body_limit;
 pub mod caller;
 pub mod jobs;
 pub mod overload;
 pub mod rate_limit;
+pub mod read_body;
 pub mod request_id;
 pub mod route;
 

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::hash::Hash;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
@@ -49,6 +50,8 @@ pub struct Limiters {
     global: Option<Kept<DefaultDirectRateLimiter>>,
     per_caller: Option<Kept<Bounded<Arc<str>>>>,
     per_data_source: Option<Kept<Bounded<i64>>>,
+    /// Refusals for want of credentials, per peer address (only asked in authenticated modes).
+    unauthenticated: Kept<Bounded<IpAddr>>,
     /// Callers with a limit of their own (a token entry's `rate`/`burst`), instead of
     /// `per_caller`.
     own_limits: HashMap<Arc<str>, Kept<DefaultDirectRateLimiter>>,
@@ -122,16 +125,7 @@ impl Limiters {
         config: &RateLimits,
         own_limits: impl IntoIterator<Item = (&'a str, RateLimit)>,
     ) -> Self {
-        Self::empty().reconfigured(config, own_limits)
-    }
-
-    fn empty() -> Self {
-        Self {
-            global: None,
-            per_caller: None,
-            per_data_source: None,
-            own_limits: HashMap::new(),
-        }
+        Self::reconfigure(None, config, own_limits)
     }
 
     /// New limiters for a reloaded config. Each limiter whose settings did not change is the
@@ -141,25 +135,47 @@ impl Limiters {
         config: &RateLimits,
         own_limits: impl IntoIterator<Item = (&'a str, RateLimit)>,
     ) -> Self {
+        Self::reconfigure(Some(self), config, own_limits)
+    }
+
+    fn reconfigure<'a>(
+        previous: Option<&Self>,
+        config: &RateLimits,
+        own_limits: impl IntoIterator<Item = (&'a str, RateLimit)>,
+    ) -> Self {
         let max_keys = config.max_tracked_keys;
         Self {
             global: config
                 .global
-                .map(|l| Kept::reuse_or(self.global.as_ref(), l, 0, direct)),
-            per_caller: config
-                .per_caller
-                .map(|l| Kept::reuse_or(self.per_caller.as_ref(), l, max_keys, Bounded::new)),
-            per_data_source: config
-                .per_data_source
-                .map(|l| Kept::reuse_or(self.per_data_source.as_ref(), l, max_keys, Bounded::new)),
+                .map(|l| Kept::reuse_or(previous.and_then(|p| p.global.as_ref()), l, 0, direct)),
+            per_caller: config.per_caller.map(|l| {
+                let kept = previous.and_then(|p| p.per_caller.as_ref());
+                Kept::reuse_or(kept, l, max_keys, Bounded::new)
+            }),
+            per_data_source: config.per_data_source.map(|l| {
+                let kept = previous.and_then(|p| p.per_data_source.as_ref());
+                Kept::reuse_or(kept, l, max_keys, Bounded::new)
+            }),
+            unauthenticated: Kept::reuse_or(
+                previous.map(|p| &p.unauthenticated),
+                config.unauthenticated,
+                max_keys,
+                Bounded::new,
+            ),
             own_limits: own_limits
                 .into_iter()
                 .map(|(name, limit)| {
-                    let kept = Kept::reuse_or(self.own_limits.get(name), limit, 0, direct);
-                    (Arc::from(name), kept)
+                    let kept = previous.and_then(|p| p.own_limits.get(name));
+                    (Arc::from(name), Kept::reuse_or(kept, limit, 0, direct))
                 })
                 .collect(),
         }
+    }
+
+    /// Counts a refusal of a request without valid credentials from `peer`; `Err` (with the
+    /// time until it would pass) once that address has been refused too often.
+    pub fn check_stranger(&self, peer: IpAddr) -> Result<(), Duration> {
+        self.unauthenticated.limiter.check(&peer)
     }
 
     /// Admits a request or says which limit refused it and how long until it would admit it.
@@ -201,6 +217,7 @@ impl Limiters {
 
     /// Forgets keys whose limiter has refilled: they behave exactly like a key never seen.
     pub fn sweep(&self) {
+        self.unauthenticated.limiter.sweep();
         if let Some(kept) = &self.per_caller {
             kept.limiter.sweep();
         }

@@ -5,17 +5,20 @@
 //! 404, a known path with another method 405 (with `Allow`), an id that is not an integer 422 in
 //! Datafold's own validation shape. Paths are matched exactly as sent, without normalising:
 //! empty segments (`//`, a trailing slash), dot segments and percent-encoded separators are 404,
-//! so no spelling of a forbidden endpoint can slip through.
+//! so no spelling of a forbidden endpoint can slip through. An HTTP/1.1 request without `Host`
+//! is malformed, and answered 400 here.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
-use http::{Method, Request, Response};
+use http::header::HOST;
+use http::{Method, Request, Response, Version};
 use tower::{Layer, Service};
 
 use super::{record_fact, refuse, Fact, Refuse, Stamped};
 use crate::audit::AuditFacts;
+use crate::error::BadInteger;
 use crate::{error, Body};
 
 const PREFIX: &str = "/api/v1/data_sources/";
@@ -52,10 +55,11 @@ impl Route {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Matched {
     Route(Route),
-    /// Right shape, but the id is not an integer; names the parameter.
+    /// Right shape, but the id is not an integer that fits an id; names the parameter.
     InvalidId {
         route: &'static str,
         param: &'static str,
+        why: BadInteger,
     },
     MethodNotAllowed {
         allow: &'static str,
@@ -77,20 +81,22 @@ pub fn match_route(method: &Method, path: &str) -> Matched {
     let starts_test = second == "test"; // {data_source_id}/test
     let reads_result = first == "test"; // test/{job_id}
     if *method == Method::POST && starts_test {
-        return match first.parse() {
+        return match parse_id(first) {
             Ok(data_source_id) => Matched::Route(Route::TestConnection { data_source_id }),
-            Err(_) => Matched::InvalidId {
+            Err(why) => Matched::InvalidId {
                 route: "test_connection",
                 param: "data_source_id",
+                why,
             },
         };
     }
     if *method == Method::GET && reads_result {
-        return match second.parse() {
+        return match parse_id(second) {
             Ok(job_id) => Matched::Route(Route::TestResult { job_id }),
-            Err(_) => Matched::InvalidId {
+            Err(why) => Matched::InvalidId {
                 route: "test_result",
                 param: "job_id",
+                why,
             },
         };
     }
@@ -100,6 +106,18 @@ pub fn match_route(method: &Method, path: &str) -> Matched {
         (false, true) => Matched::MethodNotAllowed { allow: "GET" },
         (false, false) => Matched::NotFound,
     }
+}
+
+/// An id as Rust spells an `i64` (optional sign, decimal digits), or why it is not one.
+fn parse_id(segment: &str) -> Result<i64, BadInteger> {
+    segment.parse().map_err(|e: std::num::ParseIntError| {
+        use std::num::IntErrorKind;
+        match e.kind() {
+            IntErrorKind::PosOverflow => BadInteger::TooLarge,
+            IntErrorKind::NegOverflow => BadInteger::TooSmall,
+            _ => BadInteger::NotInteger,
+        }
+    })
 }
 
 /// A segment that means only itself: not empty, not `.`/`..`, no percent-encoding of a
@@ -163,10 +181,16 @@ where
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        // HTTP/1.1 requires it (RFC 9112, 3.2); a request without it came from no real client.
+        if request.version() == Version::HTTP_11 && !request.headers().contains_key(HOST) {
+            return refuse(error::bad_request(
+                "an HTTP/1.1 request must carry a Host header",
+            ));
+        }
         let route = match match_route(request.method(), request.uri().path()) {
             Matched::Route(route) => route,
-            Matched::InvalidId { route, param } => {
-                let mut response = error::invalid_integer(param);
+            Matched::InvalidId { route, param, why } => {
+                let mut response = error::invalid_integer(param, why);
                 record_fact(&mut response, RouteName(route));
                 return refuse(response);
             }
@@ -201,7 +225,7 @@ mod tests {
 
     #[test]
     fn non_integer_ids_name_their_parameter() {
-        for id in ["abc", "1.5", "99999999999999999999", "", " 1"] {
+        for id in ["abc", "1.5", "", " 1"] {
             let path = format!("/api/v1/data_sources/{id}/test");
             let matched = match_route(&Method::POST, &path);
             if id.is_empty() {
@@ -211,7 +235,8 @@ mod tests {
                     matched,
                     Matched::InvalidId {
                         route: "test_connection",
-                        param: "data_source_id"
+                        param: "data_source_id",
+                        why: BadInteger::NotInteger,
                     },
                     "{path}"
                 );
@@ -221,8 +246,42 @@ mod tests {
             match_route(&Method::GET, "/api/v1/data_sources/test/x1"),
             Matched::InvalidId {
                 route: "test_result",
-                param: "job_id"
+                param: "job_id",
+                why: BadInteger::NotInteger,
             }
+        );
+    }
+
+    #[test]
+    fn integers_out_of_range_say_which_bound_they_cross() {
+        assert_eq!(
+            match_route(
+                &Method::POST,
+                "/api/v1/data_sources/99999999999999999999/test"
+            ),
+            Matched::InvalidId {
+                route: "test_connection",
+                param: "data_source_id",
+                why: BadInteger::TooLarge,
+            }
+        );
+        assert_eq!(
+            match_route(
+                &Method::GET,
+                "/api/v1/data_sources/test/-9223372036854775809"
+            ),
+            Matched::InvalidId {
+                route: "test_result",
+                param: "job_id",
+                why: BadInteger::TooSmall,
+            }
+        );
+        assert_eq!(
+            match_route(
+                &Method::GET,
+                "/api/v1/data_sources/test/9223372036854775807"
+            ),
+            Matched::Route(Route::TestResult { job_id: i64::MAX })
         );
     }
 
