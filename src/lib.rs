@@ -10,6 +10,7 @@ pub mod audit_query;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod middleware;
 pub mod reload;
