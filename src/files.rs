@@ -55,11 +55,12 @@ impl fmt::Display for FileError {
 
 impl std::error::Error for FileError {}
 
-/// A file's bytes, and its permission bits as they were when it was read.
+/// A file's bytes, and its permission bits and group as they were when it was read.
 pub struct Contents {
     pub bytes: Vec<u8>,
     /// `st_mode & 0o7777` of the file itself (symlinks followed).
     pub mode: u32,
+    pub gid: u32,
 }
 
 /// Reads `path`, which must be (or link to) a regular file of at most `cap` bytes.
@@ -97,6 +98,7 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Contents, FileError> {
     Ok(Contents {
         bytes,
         mode: meta.mode() & 0o7777,
+        gid: meta.gid(),
     })
 }
 
@@ -132,18 +134,44 @@ fn too_large(path: &Path, cap: u64) -> FileError {
     )
 }
 
-/// Logs a warning if the key file can be read by users other than its owner. Not an error:
-/// a Kubernetes Secret volume mounts files 0644 unless it sets `defaultMode`, and refusing to
-/// start there would help nobody.
-pub fn warn_if_readable_by_others(path: &Path, mode: u32) {
-    if mode & 0o044 != 0 {
+/// Logs a warning if the key file can be read by users other than its owner and the
+/// gateway's own groups. Not an error: a Kubernetes Secret volume mounts files 0644 unless it
+/// sets `defaultMode`, and refusing to start there would help nobody.
+pub fn warn_if_readable_by_others(path: &Path, contents: &Contents) {
+    if readable_by_others(contents.mode, contents.gid) {
         tracing::warn!(
             file = %path.display(),
-            mode = %format!("{mode:04o}"),
-            "the API key file can be read by its group or by other users; this is not an error, \
-             but the key deserves better: run `chmod 600` on it, or in Kubernetes set \
-             `defaultMode: 0400` on the Secret volume (Secrets are mounted 0644 by default)"
+            mode = %format!("{:04o}", contents.mode),
+            "the API key file can be read by other users; this is not an error, but the key \
+             deserves better: run `chmod 600` on it, or in Kubernetes set `defaultMode: 0400` on \
+             the Secret volume (Secrets are mounted 0644 by default), or 0440 with the pod's \
+             `fsGroup` as the gateway's group, as deploy/k8s does"
         );
+    }
+}
+
+/// Whether a file of `mode` and group `gid` can be read by someone besides its owner and the
+/// gateway. Group read counts only for a group the gateway is not in: Kubernetes gives a
+/// Secret's files the pod's `fsGroup`, and the shipped manifests need 0440 so that the
+/// non-root gateway can read a key owned by root.
+fn readable_by_others(mode: u32, gid: u32) -> bool {
+    mode & 0o004 != 0 || (mode & 0o040 != 0 && !own_groups().contains(&gid))
+}
+
+/// The gateway's effective group and its supplementary groups.
+fn own_groups() -> Vec<u32> {
+    // SAFETY: getegid(2) cannot fail; getgroups(2) with a size of 0 only counts, then fills a
+    // buffer of the size it reported (fewer if groups were dropped meanwhile).
+    unsafe {
+        let mut groups = vec![libc::getegid()];
+        let count = libc::getgroups(0, std::ptr::null_mut());
+        if let Ok(len) = usize::try_from(count) {
+            let mut more: Vec<libc::gid_t> = vec![0; len];
+            let filled = libc::getgroups(count, more.as_mut_ptr());
+            more.truncate(usize::try_from(filled).unwrap_or(0));
+            groups.extend(more);
+        }
+        groups
     }
 }
 
@@ -280,6 +308,19 @@ mod tests {
         }
     }
 
+    #[test]
+    fn others_or_a_foreign_group_reading_the_key_is_worth_a_warning() {
+        let own = own_groups()[0];
+        let foreign = (1..).find(|gid| !own_groups().contains(gid)).unwrap();
+        assert!(!readable_by_others(0o600, foreign));
+        assert!(!readable_by_others(0o400, foreign));
+        // 0440 with the pod's fsGroup, which the gateway runs in: the shipped manifests.
+        assert!(!readable_by_others(0o440, own));
+        assert!(readable_by_others(0o440, foreign));
+        assert!(readable_by_others(0o644, own));
+        assert!(readable_by_others(0o604, own));
+    }
+
     #[tokio::test]
     async fn off_runtime_gives_up_after_its_deadline_naming_the_file() {
         let (release, stuck) = std::sync::mpsc::channel::<()>();
@@ -291,8 +332,7 @@ mod tests {
             load,
         )
         .await
-        .err()
-        .expect("a stuck read must time out")
+        .expect_err("a stuck read must time out")
         .to_string();
         assert!(err.contains("/nfs/datafold-key"), "{err}");
         assert!(err.contains("did not answer within 50ms"), "{err}");

@@ -45,7 +45,7 @@ impl ApiKey {
                 // or exhaust the gateway.
                 let contents = files::read_regular(path, files::KEY_FILE_CAP)
                     .map_err(|e| KeyError(format!("api_key.file: {e}")))?;
-                files::warn_if_readable_by_others(path, contents.mode);
+                files::warn_if_readable_by_others(path, &contents);
                 match String::from_utf8(contents.bytes) {
                     Ok(value) => SecretString::from(value),
                     Err(_) => {
