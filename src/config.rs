@@ -669,11 +669,17 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        // Not `read_to_string`: a FIFO or a device in the file's place must not hang or
+        // exhaust the gateway.
+        let cannot_read = |problem: &str| ConfigError {
             file: path.to_owned(),
             key: None,
-            message: format!("cannot read the configuration file: {e}"),
-        })?;
+            message: format!("cannot read the configuration file: {problem}"),
+        };
+        let contents = crate::files::read_regular(path, crate::files::CONFIG_FILE_CAP)
+            .map_err(|e| cannot_read(e.problem()))?;
+        let text = String::from_utf8(contents.bytes)
+            .map_err(|_| cannot_read("stream did not contain valid UTF-8"))?;
         Self::parse(path, &text)
     }
 

@@ -11,6 +11,7 @@ pub mod audit_sampling;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod middleware;
 pub mod reload;

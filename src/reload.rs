@@ -11,6 +11,9 @@
 //! - The audit file reopened (after logrotate moved it): on SIGUSR1 and on SIGHUP.
 //!
 //! Each swap is atomic (`ArcSwap`): a request in flight finishes with what it started with.
+//! The key and the config file are read on the blocking pool under a deadline
+//! ([`files::off_runtime`]), so a FIFO, a device or a hung filesystem in their place fails the
+//! reload instead of stopping the listeners, the probes or shutdown.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use tokio::sync::Mutex;
 
 use crate::audit::AuditLog;
 use crate::config::{ApiKeySource, Config};
+use crate::files;
 use crate::metrics::{Metrics, ResultLabels};
 use crate::middleware::caller::{CallerBook, SharedCallers};
 use crate::middleware::rate_limit::{Limiters, SharedLimiters};
@@ -95,11 +99,24 @@ impl Control {
     pub async fn reload_key(&self) -> Result<bool, String> {
         let config = self.inner.config.lock().await;
         let source = &config.api_key;
-        if let ApiKeySource::Env(name) = source {
-            tracing::info!(variable = %name, "the key comes from an environment variable, read at start only; not reloaded");
-            return Ok(false);
-        }
-        match ApiKey::load(source) {
+        let path = match source {
+            ApiKeySource::Env(name) => {
+                tracing::info!(variable = %name, "the key comes from an environment variable, read at start only; not reloaded");
+                return Ok(false);
+            }
+            ApiKeySource::File(path) => path,
+        };
+        // On the blocking pool, under a deadline: a FIFO or a hung filesystem in the key's place
+        // must not stop the listeners, the probes or shutdown.
+        let load = {
+            let source = source.clone();
+            move || ApiKey::load(&source)
+        };
+        let loaded = match files::off_runtime(path, load).await {
+            Ok(loaded) => loaded.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("api_key.file: {e}")),
+        };
+        match loaded {
             Ok(key) if key.same_as(&self.inner.key.load()) => {
                 tracing::debug!("the key file holds the key already in use");
                 Ok(false)
@@ -113,7 +130,7 @@ impl Control {
             Err(e) => {
                 self.count_key_reload("failure");
                 tracing::error!(error = %e, "new API key refused; the previous key stays in effect");
-                Err(e.to_string())
+                Err(e)
             }
         }
     }
@@ -124,7 +141,15 @@ impl Control {
             return Ok(());
         };
         let mut current = self.inner.config.lock().await;
-        let result = self.swap_config(path, &current);
+        // On the blocking pool, under a deadline, as for the key.
+        let load = {
+            let path = path.clone();
+            move || Config::load(&path).map_err(|e| e.to_string())
+        };
+        let result = match files::off_runtime(path, load).await {
+            Ok(loaded) => loaded.and_then(|new| self.swap_config(path, &current, new)),
+            Err(e) => Err(format!("the config file: {e}")),
+        };
         let label = if result.is_ok() { "success" } else { "failure" };
         self.inner
             .metrics
@@ -135,8 +160,12 @@ impl Control {
         Ok(())
     }
 
-    fn swap_config(&self, path: &Path, current: &Arc<Config>) -> Result<Arc<Config>, String> {
-        let new = Config::load(path).map_err(|e| e.to_string())?;
+    fn swap_config(
+        &self,
+        path: &Path,
+        current: &Arc<Config>,
+        new: Config,
+    ) -> Result<Arc<Config>, String> {
         if new.callers.mode != current.callers.mode {
             return Err(format!(
                 "{}: callers.mode: changing the mode ({:?} to {:?}) needs a restart",

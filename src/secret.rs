@@ -10,6 +10,7 @@ use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::config::ApiKeySource;
+use crate::files;
 
 /// The key in effect; a reload swaps in a new one. A request takes its copy of the header when
 /// the key is set on it, so requests in flight finish with the key they started with.
@@ -39,15 +40,22 @@ impl ApiKey {
                     )))
                 }
             },
-            ApiKeySource::File(path) => match std::fs::read_to_string(path) {
-                Ok(value) => SecretString::from(value),
-                Err(e) => {
-                    return Err(KeyError(format!(
-                        "api_key.file: cannot read {}: {e}",
-                        path.display()
-                    )))
+            ApiKeySource::File(path) => {
+                // Not `read_to_string`: a FIFO or a device in the key's place must not hang
+                // or exhaust the gateway.
+                let contents = files::read_regular(path, files::KEY_FILE_CAP)
+                    .map_err(|e| KeyError(format!("api_key.file: {e}")))?;
+                files::warn_if_readable_by_others(path, &contents);
+                match String::from_utf8(contents.bytes) {
+                    Ok(value) => SecretString::from(value),
+                    Err(_) => {
+                        return Err(KeyError(format!(
+                            "api_key.file: cannot read {}: stream did not contain valid UTF-8",
+                            path.display()
+                        )))
+                    }
                 }
-            },
+            }
         };
         Self::from_secret(&raw)
             .map_err(|problem| KeyError(format!("{}: {problem}", describe(source))))
