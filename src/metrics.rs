@@ -81,6 +81,7 @@ pub struct Metrics {
     pub caller_requests: Family<CallerLabels, Counter>,
     pub headers_dropped: Family<DirectionLabels, Counter>,
     pub audit_suppressed: Counter,
+    pub tls_handshake_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -98,6 +99,7 @@ impl Default for Metrics {
             caller_requests: Family::default(),
             headers_dropped: Family::default(),
             audit_suppressed: Counter::default(),
+            tls_handshake_failures: Counter::default(),
         }
     }
 }
@@ -165,6 +167,11 @@ impl Metrics {
             "audit_records_suppressed",
             "Refusals of unauthenticated peers counted in a summary audit record instead of a record each",
             self.audit_suppressed.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the main listener that failed or did not finish in time",
+            self.tls_handshake_failures.clone(),
         );
         registry.register(
             "build",

@@ -199,6 +199,7 @@ impl Gateway {
             ApiKeySource::Env(_) => None,
         };
         let registry = parts.metrics.registry();
+        let handshake_failures = parts.metrics.tls_handshake_failures.clone();
         let stack = stack::build::<Incoming>(parts);
 
         let health = Arc::new(Health {
@@ -250,6 +251,7 @@ impl Gateway {
                             )),
                             Some(tls) => connections.spawn(serve_tls_connection(
                                 tls.clone(),
+                                handshake_failures.clone(),
                                 builder,
                                 stream,
                                 peer,
@@ -371,9 +373,10 @@ struct Deadlines {
 
 /// Completes the TLS handshake (within the first-request deadline), then serves the connection.
 /// A failed handshake (no or an untrusted client certificate, a plain-HTTP client) is the
-/// client's problem, logged at info in one line.
+/// client's problem: counted, and logged at debug in one line.
 async fn serve_tls_connection<S, B>(
     tls: TlsAcceptor,
+    failures: prometheus_client::metrics::counter::Counter,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -393,10 +396,12 @@ async fn serve_tls_connection<S, B>(
         Ok(Ok(stream)) => stream,
         // Debug only: anyone who can connect can fail a handshake, as often as they like.
         Ok(Err(e)) => {
+            failures.inc();
             tracing::debug!(%peer, error = %e, "TLS handshake failed");
             return;
         }
         Err(_) => {
+            failures.inc();
             tracing::debug!(%peer, "TLS handshake not completed in time; closing");
             return;
         }

@@ -370,6 +370,12 @@ async fn handshake_without_a_trusted_client_certificate_fails() {
         assert!(result.is_err(), "served without a trusted certificate");
     }
     assert!(gateway.upstream.received().is_empty());
+    let text = gateway.metrics().await;
+    assert_eq!(
+        common::sample(&text, "datafold_gateway_tls_handshake_failures_total"),
+        Some(2.0),
+        "{text}"
+    );
 }
 
 #[tokio::test]

@@ -526,7 +526,7 @@ async fn token_mode_keeps_tokens_out_of_logs_audit_and_upstream() {
 }
 
 #[tokio::test]
-async fn a_failed_client_certificate_handshake_is_one_debug_line_and_counted() {
+async fn a_failed_client_certificate_handshake_is_one_debug_line() {
     let setup = setup_with(
         |dir, ca| {
             let (cert, key) = (dir.join("gw.pem"), dir.join("gw-key.pem"));
@@ -541,7 +541,10 @@ async fn a_failed_client_certificate_handshake_is_one_debug_line_and_counted() {
         "[callers]\nmode = \"mtls\"\n",
     )
     .await;
-    let served = Served::start(&setup.config, &[]);
+    let served = Served::start(
+        &setup.config,
+        &[("RUST_LOG", "info,datafold_gateway=debug")],
+    );
     let client = common::tls_client(&setup.ca, None, false);
     let request = Request::post(format!(
         "https://{}/api/v1/data_sources/1/test",
