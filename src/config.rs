@@ -1157,6 +1157,63 @@ mod tests {
     }
 
     #[test]
+    fn hardening_defaults_are_on() {
+        let config = parse("").unwrap();
+        assert_eq!(config.limits.body_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.limits.max_response_bytes, 1024 * 1024);
+        let unauthenticated = config.rate_limit.unauthenticated;
+        assert_eq!(format!("{:?}", unauthenticated.rate), "10/s");
+        assert_eq!(unauthenticated.burst.get(), 20);
+        let config = parse("[rate_limit.unauthenticated]\nrate = \"1/min\"\nburst = 3\n").unwrap();
+        assert_eq!(config.rate_limit.unauthenticated.burst.get(), 3);
+        // Changed, not switched off: there is no empty form of it.
+        let err = parse("[rate_limit.unauthenticated]\n").unwrap_err();
+        assert!(err.contains("rate_limit.unauthenticated"), "{err}");
+    }
+
+    #[test]
+    fn header_lists_refuse_credentials_and_connection_headers_by_entry() {
+        let ok = parse(
+            "[upstream]\nforward_headers = [\"X-Team\"]\nreturn_headers = [\"X-Datafold-Trace\"]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.upstream.forward_headers[0].0, "x-team");
+        for (text, key) in [
+            (
+                "forward_headers = [\"x-team\", \"Authorization\"]",
+                "upstream.forward_headers[1]",
+            ),
+            (
+                "forward_headers = [\"cookie\"]",
+                "upstream.forward_headers[0]",
+            ),
+            (
+                "forward_headers = [\"X-Api-Key\"]",
+                "upstream.forward_headers[0]",
+            ),
+            (
+                "forward_headers = [\"connection\"]",
+                "upstream.forward_headers[0]",
+            ),
+            (
+                "return_headers = [\"set-cookie\"]",
+                "upstream.return_headers[0]",
+            ),
+            (
+                "return_headers = [\"Transfer-Encoding\"]",
+                "upstream.return_headers[0]",
+            ),
+            (
+                "return_headers = [\"bad header\"]",
+                "upstream.return_headers",
+            ),
+        ] {
+            let err = parse(&format!("[upstream]\n{text}\n")).unwrap_err();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn zero_timeouts_are_refused() {
         let err = parse("[upstream]\ntimeout = \"0s\"\n").unwrap_err();
         assert!(err.contains("upstream.timeout"), "{err}");

@@ -199,7 +199,10 @@ impl Gateway {
             ApiKeySource::Env(_) => None,
         };
         let registry = parts.metrics.registry();
-        let handshake_failures = parts.metrics.tls_handshake_failures.clone();
+        let tls = tls.map(|acceptor| TlsListener {
+            acceptor,
+            handshake_failures: parts.metrics.tls_handshake_failures.clone(),
+        });
         let stack = stack::build::<Incoming>(parts);
 
         let health = Arc::new(Health {
@@ -251,7 +254,6 @@ impl Gateway {
                             )),
                             Some(tls) => connections.spawn(serve_tls_connection(
                                 tls.clone(),
-                                handshake_failures.clone(),
                                 builder,
                                 stream,
                                 peer,
@@ -371,12 +373,18 @@ struct Deadlines {
     idle: Duration,
 }
 
+/// TLS on the main listener, and the count of handshakes that failed.
+#[derive(Clone)]
+struct TlsListener {
+    acceptor: TlsAcceptor,
+    handshake_failures: prometheus_client::metrics::counter::Counter,
+}
+
 /// Completes the TLS handshake (within the first-request deadline), then serves the connection.
 /// A failed handshake (no or an untrusted client certificate, a plain-HTTP client) is the
 /// client's problem: counted, and logged at debug in one line.
 async fn serve_tls_connection<S, B>(
-    tls: TlsAcceptor,
-    failures: prometheus_client::metrics::counter::Counter,
+    tls: TlsListener,
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -392,7 +400,9 @@ async fn serve_tls_connection<S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = match tokio::time::timeout(deadlines.first_request, tls.accept(stream)).await {
+    let failures = &tls.handshake_failures;
+    let accept = tls.acceptor.accept(stream);
+    let stream = match tokio::time::timeout(deadlines.first_request, accept).await {
         Ok(Ok(stream)) => stream,
         // Debug only: anyone who can connect can fail a handshake, as often as they like.
         Ok(Err(e)) => {
