@@ -227,6 +227,12 @@ fn parse_time_at(text: &str, now: SystemTime) -> Result<SystemTime, String> {
         .ok_or_else(|| format!("{text} before now is out of range; {expected}"))
 }
 
+/// Reads one audit line (without its newline) as the query does; the error says why it is not
+/// an audit record. Public only for the fuzz target in `fuzz/`: the query itself is [`run`].
+pub fn parse_line(line: &[u8]) -> Result<(), String> {
+    Record::parse(line).map(|_| ())
+}
+
 /// The fields of an audit record the query uses; unknown fields are ignored.
 #[derive(Debug, Deserialize)]
 struct Record {

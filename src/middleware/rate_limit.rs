@@ -331,7 +331,7 @@ impl<K: Hash + Eq + Clone> Bounded<K> {
         if full != self.full.swap(full, Ordering::Relaxed) && full {
             tracing::warn!(
                 max_tracked_keys = self.max_keys,
-                "a keyed rate limit is tracking its most keys; new callers or data sources are refused until some refill"
+                "a keyed rate limit is tracking its most keys; new callers, data sources or stranger addresses are refused until some refill"
             );
         }
     }
