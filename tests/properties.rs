@@ -1,5 +1,6 @@
 //! Properties over generated input: the route allow-list accepts exactly the two endpoints and
-//! maps each accepted spelling to one canonical upstream path; the config loader never panics,
+//! maps each accepted spelling to one canonical upstream path; the header allow-lists let
+//! through exactly their names, both ways, with every value; the config loader never panics,
 //! and its errors always name the file. The fuzz targets in `fuzz/` check the same invariants
 //! over much longer runs; these keep them in every `cargo test`.
 
@@ -7,6 +8,8 @@ use std::path::Path;
 
 use datafold_gateway::config::Config;
 use datafold_gateway::middleware::route::{match_route, Matched, Route};
+use datafold_gateway::upstream::AllowedHeaders;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::Method;
 use proptest::prelude::*;
 use proptest::sample::{select, Index};
@@ -588,4 +591,151 @@ fn toml_generator_reaches_validation_and_loaded_configs() {
         loaded > 50 && refused_by_key > 100,
         "loaded {loaded}, refused naming a key {refused_by_key}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Header allow-lists
+
+/// What may reach Datafold, written out here rather than read from the code under test.
+const TO_DATAFOLD: &[&str] = &[
+    "authorization",
+    "content-type",
+    "accept",
+    "user-agent",
+    "x-request-id",
+];
+
+/// What may reach the caller, besides the `ratelimit-` and `x-ratelimit-` families.
+const TO_CALLER: &[&str] = &[
+    "content-type",
+    "content-encoding",
+    "cache-control",
+    "date",
+    "retry-after",
+    "vary",
+];
+
+/// Header names a client or an upstream might send: the allowed ones, the ones the issue names as
+/// dangerous, lookalikes of the allowed ones, and the quota families.
+const HEADER_NAMES: &[&str] = &[
+    "authorization",
+    "content-type",
+    "accept",
+    "user-agent",
+    "x-request-id",
+    "content-encoding",
+    "cache-control",
+    "date",
+    "retry-after",
+    "vary",
+    "set-cookie",
+    "cookie",
+    "www-authenticate",
+    "alt-svc",
+    "strict-transport-security",
+    "x-http-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "forwarded",
+    "x-forwarded-for",
+    "x_forwarded_for",
+    "x-real-ip",
+    "x-api-key",
+    "connection",
+    "transfer-encoding",
+    "content-length",
+    "host",
+    "ratelimit-remaining",
+    "ratelimit-reset",
+    "x-ratelimit-limit",
+    "ratelimit",
+    "x-ratelimitx",
+    "accept-encoding",
+    "content-type2",
+    "x-team",
+];
+
+fn header_name() -> impl Strategy<Value = HeaderName> {
+    prop_oneof![
+        4 => select(HEADER_NAMES).prop_map(HeaderName::from_static),
+        1 => "[a-z0-9_-]{1,24}".prop_map(|n| HeaderName::from_bytes(n.as_bytes()).unwrap()),
+    ]
+}
+
+fn header_map() -> impl Strategy<Value = HeaderMap> {
+    proptest::collection::vec((header_name(), "[ -~]{0,16}"), 0..24).prop_map(|pairs| {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(name, HeaderValue::from_str(&value).unwrap());
+        }
+        map
+    })
+}
+
+fn extra_names() -> impl Strategy<Value = Vec<HeaderName>> {
+    proptest::collection::vec(
+        select(&["x-team", "x-datafold-trace", "x-ratelimitx"][..]),
+        0..3,
+    )
+    .prop_map(|names| names.into_iter().map(HeaderName::from_static).collect())
+}
+
+/// Checks one direction: only `allowed` names are kept, each with all its values in order, and
+/// the dropped count accounts for every other value.
+fn check_allow_list(
+    list: &AllowedHeaders,
+    allowed: impl Fn(&str) -> bool,
+    headers: HeaderMap,
+) -> Result<(), TestCaseError> {
+    let total = headers.len();
+    let (kept, dropped) = list.keep(headers.clone());
+    prop_assert_eq!(kept.len() as u64 + dropped, total as u64);
+    for name in kept.keys() {
+        prop_assert!(allowed(name.as_str()), "{} crossed", name);
+    }
+    for name in headers.keys() {
+        let before: Vec<_> = headers.get_all(name).iter().collect();
+        let after: Vec<_> = kept.get_all(name).iter().collect();
+        if allowed(name.as_str()) {
+            prop_assert_eq!(before, after, "{} lost values", name);
+        } else {
+            prop_assert!(after.is_empty());
+        }
+    }
+    // What is kept passes again untouched.
+    let (again, none) = list.keep(kept.clone());
+    prop_assert_eq!(none, 0);
+    prop_assert_eq!(again, kept);
+    Ok(())
+}
+
+fn wrapped(names: &[HeaderName]) -> Vec<datafold_gateway::config::HeaderName> {
+    names
+        .iter()
+        .cloned()
+        .map(datafold_gateway::config::HeaderName)
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(cheap())]
+
+    #[test]
+    fn only_allowed_headers_reach_datafold(headers in header_map(), extra in extra_names()) {
+        let list = AllowedHeaders::request(&wrapped(&extra));
+        let allowed = |name: &str| TO_DATAFOLD.contains(&name) || extra.iter().any(|e| e == name);
+        check_allow_list(&list, allowed, headers)?;
+    }
+
+    #[test]
+    fn only_allowed_headers_reach_the_caller(headers in header_map(), extra in extra_names()) {
+        let list = AllowedHeaders::response(&wrapped(&extra));
+        let allowed = |name: &str| {
+            TO_CALLER.contains(&name)
+                || name.starts_with("ratelimit-")
+                || name.starts_with("x-ratelimit-")
+                || extra.iter().any(|e| e == name)
+        };
+        check_allow_list(&list, allowed, headers)?;
+    }
 }
