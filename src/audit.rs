@@ -193,6 +193,9 @@ pub struct WriterOptions {
 /// A batch is written once it holds this much, even if more records are waiting.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
+/// Room the readiness probe asks for: a few records.
+const PROBE_BYTES: usize = 4096;
+
 impl AuditLog {
     /// Opens (creating if needed) the audit file for appending and starts the writer thread.
     pub fn open(path: &Path, options: WriterOptions) -> Result<Self, AuditError> {
@@ -418,10 +421,11 @@ impl Writer {
     }
 
     /// Whether the file takes writes, found out without writing a record: a torn line is mended
-    /// (a write it needs anyway), or else room for the next batch is reserved past the end of
-    /// the file without changing its size (`fallocate` with `FALLOC_FL_KEEP_SIZE`), which fails
-    /// on a full disk or quota. Where that cannot be asked (a file system without `fallocate`),
-    /// the next record decides, as before.
+    /// (a write it needs anyway), or else room for a few records is reserved past the end of the
+    /// file without changing its size (`fallocate` with `FALLOC_FL_KEEP_SIZE`; the next appends
+    /// use that room), which fails on a full disk or quota. On a file system without `fallocate`,
+    /// the free space it reports decides. A file that is not a regular one (`/dev/full`, a pipe)
+    /// cannot be asked: the next record decides, as before.
     fn probe(&mut self) -> bool {
         use std::os::fd::AsRawFd;
         if self.healthy.load(Ordering::Relaxed) {
@@ -432,17 +436,31 @@ impl Writer {
             self.torn = !ok;
             ok
         } else {
+            let fd = self.file.as_raw_fd();
             let end = self.file.metadata().map_or(0, |m| m.len());
             // SAFETY: a plain system call on a descriptor this writer owns; no memory is passed.
-            let result = unsafe {
+            let reserved = unsafe {
                 libc::fallocate(
-                    self.file.as_raw_fd(),
+                    fd,
                     libc::FALLOC_FL_KEEP_SIZE,
                     end as libc::off_t,
-                    MAX_BATCH_BYTES as libc::off_t,
+                    PROBE_BYTES as libc::off_t,
                 )
             };
-            result == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP)
+            if reserved == 0 {
+                true
+            } else if io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+                let mut stats = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+                // SAFETY: fstatvfs fills the struct it is given on success, and only then is it read.
+                let found = unsafe { libc::fstatvfs(fd, stats.as_mut_ptr()) } == 0;
+                found && {
+                    // SAFETY: initialised by the successful call above.
+                    let stats = unsafe { stats.assume_init() };
+                    stats.f_bavail.saturating_mul(stats.f_frsize) >= PROBE_BYTES as u64
+                }
+            } else {
+                false
+            }
         };
         if ok {
             tracing::info!(file = %self.path.display(), "the audit file takes writes again");

@@ -7,17 +7,29 @@
 //! and status, `{"outcome": ..., "status": ..., "suppressed": N, ...}`, about once a second and
 //! at shutdown. Nothing vanishes: the records written and the `suppressed` counts add up to the
 //! refusals made. Forwarded requests, and every answer to an authenticated caller, are never
-//! sampled.
+//! sampled. A peer is an IPv4 address or an IPv6 /64 (see `Peer::block`), and the whole is
+//! bounded too: at most [`MAX_WRITTEN_PER_SECOND`] records in full and [`MAX_SUMMARIES`]
+//! summaries a second, however many addresses a flood comes from.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio_util::sync::CancellationToken;
 
 use crate::audit::{AuditLog, Limit, Outcome, Record};
 
 /// Most peers tracked at once; refusals of peers past it share one bucket (`peer: null`).
 const MAX_PEERS: usize = 10_000;
+
+/// Most strangers' refusals written in full per second, all peers together: a flood from many
+/// addresses (a botnet, an IPv6 prefix) is summarised too.
+const MAX_WRITTEN_PER_SECOND: u32 = 50;
+
+/// Most summary records one flush writes; the peers past it are summed into one record per
+/// kind, `peer: null`.
+const MAX_SUMMARIES: usize = 100;
 
 /// How often summaries are written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -52,7 +64,16 @@ struct Window {
 /// Decides which refusals of strangers get a record of their own; shared by every connection.
 #[derive(Default)]
 pub struct RefusalSampler {
-    peers: Mutex<HashMap<Option<IpAddr>, Window>>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    peers: HashMap<Option<IpAddr>, Window>,
+    /// The Unix second `written` counts in.
+    second: u64,
+    /// Records written in full in `second`, all peers together.
+    written: u32,
 }
 
 impl std::fmt::Debug for RefusalSampler {
@@ -63,24 +84,37 @@ impl std::fmt::Debug for RefusalSampler {
 
 impl RefusalSampler {
     /// Whether this refusal gets a record of its own; if not, it is counted for a summary.
+    /// `peer` is the address block the refusal came from.
     pub fn admit(&self, peer: Option<IpAddr>, kind: RefusalKind, at: SystemTime) -> bool {
-        let second = at
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| since.as_secs());
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let second = unix_second(at);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let Inner {
+            peers,
+            second: current,
+            written,
+        } = &mut *inner;
+        if second > *current {
+            *current = second;
+            *written = 0;
+        }
         let key = if peers.len() < MAX_PEERS || peers.contains_key(&peer) {
             peer
         } else {
             None
         };
         let window = peers.entry(key).or_default();
-        if window.second != Some(second) {
+        // Only a later second opens a new window: a request that started earlier and ends late
+        // must not reopen one.
+        let fresh = window.second.map_or(true, |last| second > last);
+        if fresh && *written < MAX_WRITTEN_PER_SECOND {
             window.second = Some(second);
+            *written += 1;
             return true;
         }
         match window.suppressed.iter_mut().find(|s| s.kind == kind) {
             Some(counted) => {
                 counted.count += 1;
+                counted.first = counted.first.min(at);
                 counted.last = counted.last.max(at);
             }
             None => window.suppressed.push(Suppressed {
@@ -94,16 +128,37 @@ impl RefusalSampler {
         false
     }
 
-    /// Takes every count not yet summarised, and forgets peers quiet since before `now`'s
-    /// previous second (their next refusal is written in full again, as it would be anyway).
+    /// Takes every count not yet summarised (at most [`MAX_SUMMARIES`] of them, the smallest
+    /// summed into one per kind), and forgets peers quiet since before `now`'s previous second
+    /// (their next refusal is written in full again, as it would be anyway).
     pub fn take(&self, now: SystemTime) -> Vec<Suppressed> {
-        let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        let second = unix_second(now);
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         let mut taken = Vec::new();
-        peers.retain(|_, window| {
+        inner.peers.retain(|_, window| {
             taken.append(&mut window.suppressed);
             window.second.is_some_and(|s| s + 1 >= second)
         });
+        drop(inner);
+        if taken.len() > MAX_SUMMARIES {
+            taken.sort_by_key(|s| std::cmp::Reverse(s.count));
+            let rest = taken.split_off(MAX_SUMMARIES - 1);
+            let mut merged: Vec<Suppressed> = Vec::new();
+            for counted in rest {
+                match merged.iter_mut().find(|m| m.kind == counted.kind) {
+                    Some(m) => {
+                        m.count += counted.count;
+                        m.first = m.first.min(counted.first);
+                        m.last = m.last.max(counted.last);
+                    }
+                    None => merged.push(Suppressed {
+                        peer: None,
+                        ..counted
+                    }),
+                }
+            }
+            taken.extend(merged);
+        }
         taken
     }
 
@@ -129,18 +184,24 @@ impl RefusalSampler {
         }
     }
 
-    /// Writes summaries every [`FLUSH_EVERY`] for as long as the sampler is in use.
-    pub async fn flush_every(sampler: std::sync::Weak<Self>, log: AuditLog) {
+    /// Writes summaries every [`FLUSH_EVERY`] until `stop`. A flush that has begun is finished
+    /// first: the counts it took are nowhere else.
+    pub async fn flush_every(sampler: Arc<Self>, log: AuditLog, stop: CancellationToken) {
         let mut ticks = tokio::time::interval(FLUSH_EVERY);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            ticks.tick().await;
-            let Some(sampler) = sampler.upgrade() else {
-                return;
-            };
+            tokio::select! {
+                _ = ticks.tick() => {}
+                () = stop.cancelled() => return,
+            }
             sampler.flush(&log).await;
         }
     }
+}
+
+fn unix_second(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
 }
 
 #[cfg(test)]
@@ -208,6 +269,34 @@ mod tests {
         let sampler = RefusalSampler::default();
         assert!(sampler.admit(ip(1), UNAUTHORIZED, at(0.0)));
         sampler.take(at(5.0));
-        assert!(sampler.peers.lock().unwrap().is_empty());
+        assert!(sampler.inner.lock().unwrap().peers.is_empty());
+    }
+
+    #[test]
+    fn a_late_finisher_does_not_reopen_an_earlier_second() {
+        let sampler = RefusalSampler::default();
+        assert!(sampler.admit(ip(1), UNAUTHORIZED, at(1.1)));
+        // Started in the second before, finished after: counted, not written.
+        assert!(!sampler.admit(ip(1), UNAUTHORIZED, at(0.9)));
+        assert!(!sampler.admit(ip(1), UNAUTHORIZED, at(1.2)));
+    }
+
+    #[test]
+    fn many_addresses_share_one_budget_of_records_and_summaries() {
+        let sampler = RefusalSampler::default();
+        let mut written = 0;
+        for peer in 0..2_000u32 {
+            let address = Some(IpAddr::from(peer.to_be_bytes()));
+            for n in 0..3 {
+                written +=
+                    u32::from(sampler.admit(address, UNAUTHORIZED, at(0.1 + f64::from(n) * 0.01)));
+            }
+        }
+        assert_eq!(written, MAX_WRITTEN_PER_SECOND);
+        let taken = sampler.take(at(0.5));
+        assert_eq!(taken.len(), MAX_SUMMARIES);
+        let summed: u64 = taken.iter().map(|s| s.count).sum();
+        assert_eq!(u64::from(written) + summed, 6_000);
+        assert_eq!(taken.iter().filter(|s| s.peer.is_none()).count(), 1);
     }
 }

@@ -71,6 +71,9 @@ fn main() -> ExitCode {
         Command::Audit(args) => audit_query::run(&args).map_err(Into::into),
         Command::Demo { keep } => runtime.block_on(demo::run(keep)),
     };
+    // Dropping the runtime would wait for every blocking task, and a read of a file on a hung
+    // file system (see files.rs) never ends: the process exits without it.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -183,9 +183,11 @@ impl Gateway {
         let audit = parts.audit.clone();
         let refusals = parts.refusals.clone();
         tokio::spawn(Limiters::sweep_every(Arc::downgrade(&parts.limiters)));
-        tokio::spawn(RefusalSampler::flush_every(
-            Arc::downgrade(&refusals),
+        let stop_flushing = tokio_util::sync::CancellationToken::new();
+        let flushing = tokio::spawn(RefusalSampler::flush_every(
+            refusals.clone(),
             audit.clone(),
+            stop_flushing.clone(),
         ));
         // With the key in a file, a change in its folder (a Secret update) loads it anew.
         let _key_watch = match &config.api_key {
@@ -284,7 +286,10 @@ impl Gateway {
         let _ = stop_tx.send(true);
         drain(connections, &tasks, config.limits.shutdown_grace).await;
         admin_task.abort();
-        // The last refusals counted but not yet summarised.
+        // The last refusals counted but not yet summarised: the periodic flush finishes what it
+        // took (a summary it has taken must not meet a closed file), then the rest is written.
+        stop_flushing.cancel();
+        let _ = flushing.await;
         refusals.flush(&audit).await;
         // Past this, every record is in the file; a disk that stalls must not stall the exit.
         if tokio::time::timeout(AUDIT_CLOSE_LIMIT, audit.close())
@@ -455,7 +460,10 @@ async fn serve_connection<I, S, B>(
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     let mut closing = false;
-    let mut closing_idle = false;
+    // Once the gateway itself has asked the connection to close (idle, or a caller refused for
+    // good), a client that neither reads nor closes (a zero HTTP/2 window, say) must not keep
+    // it: it is dropped one `first_request` period later.
+    let mut hard_stop_armed = false;
     let idle = tokio::time::sleep(deadlines.first_request.min(deadlines.idle));
     tokio::pin!(idle);
     loop {
@@ -471,15 +479,16 @@ async fn serve_connection<I, S, B>(
                 closing = true;
                 connection.as_mut().graceful_shutdown();
             }
-            () = asked_to_close.closing(), if !closing => {
+            () = asked_to_close.closing(), if !hard_stop_armed => {
                 // A layer refused this connection's caller for good (see `Peer::close_connection`):
-                // the answer goes out, then the connection closes. The idle deadline still bounds
-                // a client that does not read it.
+                // the answer goes out, then the connection closes, or is dropped.
                 closing = true;
+                hard_stop_armed = true;
                 connection.as_mut().graceful_shutdown();
+                idle.as_mut().reset(later(Instant::now(), deadlines.first_request).into());
             }
-            () = idle.as_mut(), if !closing || closing_idle => {
-                if closing_idle {
+            () = idle.as_mut(), if !closing || hard_stop_armed => {
+                if hard_stop_armed {
                     tracing::debug!(peer = %addr, "dropping a connection that did not close when asked");
                     return;
                 }
@@ -487,12 +496,9 @@ async fn serve_connection<I, S, B>(
                     None => {
                         tracing::debug!(peer = %addr, "closing idle connection");
                         closing = true;
-                        closing_idle = true;
+                        hard_stop_armed = true;
                         connection.as_mut().graceful_shutdown();
-                        // A client that neither reads nor closes (a zero HTTP/2 window, say)
-                        // must not keep the connection: it is dropped after one more period.
-                        let hard_stop = later(Instant::now(), deadlines.first_request);
-                        idle.as_mut().reset(hard_stop.into());
+                        idle.as_mut().reset(later(Instant::now(), deadlines.first_request).into());
                     }
                     Some(deadline) => idle.as_mut().reset(deadline.into()),
                 }

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::middleware::api_key::InjectApiKeyLayer;
 use crate::middleware::audit::{AuditLayer, RequestTasks};
+use crate::middleware::audit_gate::AuditGateLayer;
 use crate::middleware::caller::{IdentifyCallerLayer, SharedCallers};
 use crate::middleware::jobs::{JobBook, JobOwnershipLayer};
 use crate::middleware::overload::ShedOverloadLayer;
@@ -90,10 +91,9 @@ where
         // sampled, see `audit_sampling.rs`); each request runs to its end even if its caller
         // hangs up.
         .layer(AuditLayer::new(
-            parts.audit,
+            parts.audit.clone(),
             parts.tasks,
             parts.metrics.clone(),
-            config.audit.on_failure,
             parts.refusals,
         ))
         // Who is calling; authenticated modes refuse strangers here, before anything else, and
@@ -102,6 +102,9 @@ where
             parts.callers.clone(),
             parts.limiters.clone(),
         ))
+        // Nothing is forwarded that might go unaudited (`audit.on_failure = "refuse"`). After
+        // the caller: strangers meet their sampled, limited refusal whatever the audit's state.
+        .layer(AuditGateLayer::new(parts.audit, config.audit.on_failure))
         // The allow-list: only the two test endpoints go further. Cheap, and it tells the body
         // reader which route it reads for.
         .layer(AllowRoutesLayer)

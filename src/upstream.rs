@@ -358,9 +358,11 @@ const FORWARDED: [HeaderName; 5] = [
 ];
 
 /// Datafold headers that reach the caller, besides `upstream.return_headers` and the
-/// `RateLimit-*` and `X-RateLimit-*` families (Datafold's quota, useful to callers).
-/// `Content-Length` is the gateway's, and so is `X-Request-Id`, set further out.
-const RETURNED: [HeaderName; 6] = [
+/// `RateLimit-*` and `X-RateLimit-*` families (Datafold's quota, useful to callers; the IETF
+/// draft's own field is a bare `RateLimit`). `Content-Length` is the gateway's, and so is
+/// `X-Request-Id`, set further out.
+const RETURNED: [HeaderName; 7] = [
+    HeaderName::from_static("ratelimit"),
     header::CONTENT_TYPE,
     header::CONTENT_ENCODING,
     header::CACHE_CONTROL,

@@ -26,7 +26,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_datafold-gateway");
 const GRACE: Duration = Duration::from_secs(5);
 
 /// How long the gateway gets to answer a request while a bad file sits in place of a good one.
-const PROMPT: Duration = Duration::from_secs(2);
+/// Generous: it includes the first upstream TLS handshake of a debug build on a busy machine.
+const PROMPT: Duration = Duration::from_secs(5);
 
 /// Most memory a gateway that refused `/dev/zero` may hold; it needs about 20 MB.
 const RSS_LIMIT_KB: u64 = 200 * 1024;

@@ -432,6 +432,43 @@ async fn strangers_are_limited_per_address_and_their_connections_closed() {
     h.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_stranger_refused_for_good_cannot_keep_its_connection_by_not_reading() {
+    let mut h = token_gateway(|c| {
+        c.rate_limit.unauthenticated = datafold_gateway::config::RateLimit {
+            rate: "1/h".parse().unwrap(),
+            burst: std::num::NonZeroU32::new(1).unwrap(),
+        };
+        c.limits.idle_timeout = Duration::from_secs(1);
+        c.limits.header_read_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // HTTP/2 with a receive window of zero: the gateway can send no body, so its GOAWAY never
+    // completes on its own.
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    let connection = tokio::spawn(connection);
+    let mut unread = Vec::new();
+    for expected in [401, 429] {
+        let request = Request::post(format!("http://{}{START}", h.addr))
+            .body(())
+            .unwrap();
+        let (response, _) = client.send_request(request, true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), expected);
+        unread.push(response);
+    }
+    // Asked to close after the 429, then dropped one header_read_timeout later.
+    let ended = tokio::time::timeout(Duration::from_secs(8), connection).await;
+    assert!(ended.is_ok(), "the gateway kept the connection open");
+    drop(unread);
+    h.shutdown().await;
+}
+
 /// Floods the gateway with requests without credentials from one address for `period`, as fast
 /// as one client can; returns how many were answered, by status.
 async fn flood(h: &Harness, period: Duration) -> (u64, u64) {
@@ -547,6 +584,22 @@ async fn a_flood_of_strangers_costs_the_audit_little_and_the_callers_nothing() {
         Some(unauthorized as f64),
         "the metrics count every one"
     );
+}
+
+#[tokio::test]
+async fn strangers_meet_their_own_refusal_while_the_audit_is_down() {
+    let mut h = token_gateway(|c| c.audit.file = "/dev/full".into()).await;
+    // The first caller's record is the first to fail; from then on callers get 503...
+    assert_eq!(h.send(post(&h, START, Some(TOKEN))).await.0.status(), 200);
+    let (response, body) = h.send(post(&h, START, Some(TOKEN))).await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(json(&body)["code"], "audit_unavailable");
+    // ...but a stranger still gets its 401, limited and sampled like any other.
+    let (response, body) = h.send(post(&h, START, None)).await;
+    assert_eq!(response.status(), 401);
+    assert_eq!(json(&body)["code"], "unauthorized");
+    assert_eq!(h.upstream.received().len(), 1);
+    h.shutdown().await;
 }
 
 async fn ready(h: &Harness) -> (u16, String) {

@@ -607,6 +607,7 @@ const TO_DATAFOLD: &[&str] = &[
 
 /// What may reach the caller, besides the `ratelimit-` and `x-ratelimit-` families.
 const TO_CALLER: &[&str] = &[
+    "ratelimit",
     "content-type",
     "content-encoding",
     "cache-control",

@@ -31,7 +31,6 @@ use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
 use crate::audit::{bounded_path, AuditFacts, AuditLog, Outcome, Record};
 use crate::audit_sampling::{RefusalKind, RefusalSampler};
-use crate::config::OnAuditFailure;
 use crate::metrics::{self, CallerLabels, Metrics, RequestLabels, RouteLabels};
 use crate::{error, Body};
 
@@ -54,8 +53,6 @@ struct Shared {
     log: AuditLog,
     tasks: RequestTasks,
     metrics: Metrics,
-    /// Refuse to forward while records cannot be written (`audit.on_failure = "refuse"`).
-    refuse_unaudited: bool,
     /// Which refusals of strangers get a record of their own.
     refusals: Arc<RefusalSampler>,
 }
@@ -65,7 +62,6 @@ impl AuditLayer {
         log: AuditLog,
         tasks: RequestTasks,
         metrics: Metrics,
-        on_failure: OnAuditFailure,
         refusals: Arc<RefusalSampler>,
     ) -> Self {
         Self {
@@ -73,7 +69,6 @@ impl AuditLayer {
                 log,
                 tasks,
                 metrics,
-                refuse_unaudited: on_failure == OnAuditFailure::Refuse,
                 refusals,
             }),
         }
@@ -103,7 +98,8 @@ struct Seen {
     started: Instant,
     request_id: Option<String>,
     peer: Option<Arc<str>>,
-    peer_ip: Option<IpAddr>,
+    /// The address block a stranger's refusals are counted by (see `Peer::block`).
+    peer_block: Option<IpAddr>,
     method: http::Method,
     /// See [`audited_target`].
     path: String,
@@ -150,38 +146,28 @@ where
                 .extensions()
                 .get::<Peer>()
                 .map(|p| p.addr_text.clone()),
-            peer_ip: request.extensions().get::<Peer>().map(|p| p.addr.ip()),
+            peer_block: request.extensions().get::<Peer>().map(Peer::block),
             method: request.method().clone(),
             path: audited_target(request.method(), request.version(), request.uri()),
         };
-        // While the last write failed, nothing is forwarded that might not be audited. The
-        // refusal is itself a write attempt: once one succeeds, requests flow again.
-        let work = if self.shared.refuse_unaudited && !self.shared.log.is_healthy() {
-            None
-        } else {
-            Some(self.inner.call(request))
-        };
+        let work = self.inner.call(request);
         let shared = self.shared.clone();
         // Counted by the tracker from the start (without a task of its own), so that shutdown
         // waits for every request: inline, moved to a task, or in an HTTP/2 stream's task.
         let work = Box::pin(self.shared.tasks.tracker.track_future(async move {
             let _in_flight = InFlight::start(&shared.metrics);
-            let response = match work {
-                None => error::audit_unavailable(),
-                Some(work) => {
-                    // A panic is a bug, but the request it cut short is still audited and answered.
-                    let work = std::panic::AssertUnwindSafe(work).catch_unwind();
-                    tokio::select! {
-                        result = work => match result {
-                            Ok(Ok(response)) => response,
-                            Err(_) => {
-                                tracing::error!(path = %seen.path, "a request handler panicked");
-                                error::internal_error()
-                            }
-                        },
-                        () = shared.tasks.cancel.cancelled() => error::shutting_down(),
+            // A panic is a bug, but the request it cut short is still audited and answered.
+            let work = std::panic::AssertUnwindSafe(work).catch_unwind();
+            let response = tokio::select! {
+                result = work => match result {
+                    Ok(Ok(response)) => response,
+                    Err(_) => {
+                        let (path, _) = bounded_path(&seen.path);
+                        tracing::error!(path, "a request handler panicked");
+                        error::internal_error()
                     }
-                }
+                },
+                () = shared.tasks.cancel.cancelled() => error::shutting_down(),
             };
             write_record(seen, response, &shared).await
         }));
@@ -281,7 +267,7 @@ async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared)
             outcome: record.outcome,
             limit: record.limit,
         };
-        if !shared.refusals.admit(seen.peer_ip, kind, seen.ts) {
+        if !shared.refusals.admit(seen.peer_block, kind, seen.ts) {
             shared.metrics.audit_suppressed.inc();
             return response;
         }
@@ -348,7 +334,6 @@ mod tests {
             log.clone(),
             RequestTasks::default(),
             Metrics::default(),
-            OnAuditFailure::Refuse,
             Arc::default(),
         )
         .layer(inner);
@@ -398,7 +383,6 @@ mod tests {
             log.clone(),
             RequestTasks::default(),
             Metrics::default(),
-            OnAuditFailure::Refuse,
             Arc::default(),
         )
         .layer(inner);

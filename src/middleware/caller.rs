@@ -20,7 +20,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -59,6 +59,19 @@ impl Peer {
             ip: addr.ip().to_string().into(),
             tls_identity: None,
             close: Arc::default(),
+        }
+    }
+
+    /// The address block strangers from this peer are counted by: its IPv4 address, or the /64
+    /// of its IPv6 address (one host's usual allocation: counting single IPv6 addresses would let
+    /// one client be a new stranger at every request).
+    pub fn block(&self) -> IpAddr {
+        match self.addr.ip().to_canonical() {
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+            v4 => v4,
         }
     }
 
@@ -367,6 +380,17 @@ mod tests {
     use super::*;
     use crate::test_support::Recorder;
     use tower::ServiceExt;
+
+    #[test]
+    fn strangers_are_counted_by_ipv4_address_or_ipv6_64() {
+        let block = |addr: &str| Peer::new(addr.parse().unwrap()).block().to_string();
+        assert_eq!(block("203.0.113.9:4000"), "203.0.113.9");
+        assert_eq!(
+            block("[2001:db8:1:2:aaaa:bbbb:cccc:dddd]:4000"),
+            "2001:db8:1:2::"
+        );
+        assert_eq!(block("[::ffff:203.0.113.9]:4000"), "203.0.113.9");
+    }
 
     #[tokio::test]
     async fn open_mode_caller_is_the_peer_ip() {

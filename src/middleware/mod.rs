@@ -7,6 +7,7 @@
 
 pub mod api_key;
 pub mod audit;
+pub mod audit_gate;
 pub mod caller;
 pub mod jobs;
 pub mod overload;
