@@ -6,21 +6,18 @@
 mod common;
 
 use std::ffi::CString;
-use std::io::{BufRead, BufReader};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::serve::Served;
 use common::{config_for, API_KEY};
 use datafold_gateway::config::ApiKeySource;
 use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http_body_util::{BodyExt, Full};
-
-const BIN: &str = env!("CARGO_BIN_EXE_datafold-gateway");
 
 /// The gateway's shutdown grace in these tests; a clean stop takes far less.
 const GRACE: Duration = Duration::from_secs(5);
@@ -83,147 +80,10 @@ fn replace_with_fifo(path: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
 }
 
-/// A `serve` process whose log lines are collected as they come. Killed if dropped unwaited.
-struct Gateway {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    /// The lines logged before the "listening" line (empty if it never came).
-    startup: Vec<String>,
-    addr: String,
-    admin: String,
-}
-
-impl Gateway {
-    fn spawn(config: &Path) -> Self {
-        let mut child = Command::new(BIN)
-            .arg("serve")
-            .arg("--config")
-            .arg(config)
-            .env_remove("DATAFOLD_API_KEY")
-            .env_remove("DATAFOLD_GATEWAY_CONFIG")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        // The channel closes when the process does (its stderr reaches end of file).
-        let (tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Self {
-            child,
-            lines,
-            startup: Vec::new(),
-            addr: String::new(),
-            admin: String::new(),
-        }
-    }
-
-    /// Starts `serve` and waits for its "listening" line, which names both listeners.
-    fn start(config: &Path) -> Self {
-        let mut gateway = Self::spawn(config);
-        loop {
-            let line = gateway
-                .lines
-                .recv_timeout(Duration::from_secs(30))
-                .unwrap_or_else(|_| panic!("no 'listening' line; log: {:?}", gateway.startup));
-            let value = serde_json::from_str::<serde_json::Value>(&line).ok();
-            match value {
-                Some(value) if value["message"] == "listening" => {
-                    gateway.addr = value["addr"].as_str().unwrap().to_owned();
-                    gateway.admin = value["admin"].as_str().unwrap().to_owned();
-                    return gateway;
-                }
-                _ => gateway.startup.push(line),
-            }
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) with a pid we spawned and have not waited for.
-        assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "kill failed");
-    }
-
-    /// Waits (up to 10 s) for a log line whose message is `message`.
-    fn wait_for_log(&self, message: &str) -> serde_json::Value {
-        self.wait_for_line(message, |value| value["message"] == message)
-    }
-
-    /// Waits (up to 10 s) for a JSON log line that `wanted` picks; `what` names it on failure.
-    fn wait_for_line(
-        &self,
-        what: &str,
-        wanted: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self
-                .lines
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("no '{what}' log line within 10 s"));
-            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
-                if wanted(&value) {
-                    return value;
-                }
-            }
-        }
-    }
-
-    /// The process's resident memory, in kB.
-    fn rss_kb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/PID/status")
-    }
-
-    /// Waits up to `limit` for the process to exit; returns its status and the lines it
-    /// logged meanwhile. Panics (and the drop kills it) if it does not exit in time.
-    fn exit_within(mut self, limit: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + limit;
-        let mut log = String::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-                Err(RecvTimeoutError::Disconnected) => break,
-                Err(RecvTimeoutError::Timeout) => {
-                    panic!("the gateway did not exit within {limit:?}; log:\n{log}")
-                }
-            }
-        }
-        let status = self.child.wait().unwrap();
-        (status, log)
-    }
-
-    /// SIGTERM, then the exit status, which must come within the shutdown grace.
-    fn terminate(self) -> (ExitStatus, String) {
-        self.signal(libc::SIGTERM);
-        self.exit_within(GRACE)
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// SIGTERM, then the exit status, which must come within the shutdown grace.
+fn stop(gateway: Served) -> (ExitStatus, String) {
+    gateway.terminate();
+    gateway.exit_within(GRACE)
 }
 
 /// The status of a request to the gateway, which must answer within [`PROMPT`].
@@ -249,7 +109,7 @@ async fn status_of(method: &str, url: String) -> u16 {
 
 /// Checks that the gateway still answers its probe and forwards a request (with the key it
 /// started with, which the stand-in accepts).
-async fn assert_serving(gateway: &Gateway) {
+async fn assert_serving(gateway: &Served) {
     let healthz = format!("http://{}/healthz", gateway.admin);
     assert_eq!(status_of("GET", healthz).await, 200);
     let test = format!("http://{}/api/v1/data_sources/1/test", gateway.addr);
@@ -259,7 +119,7 @@ async fn assert_serving(gateway: &Gateway) {
 #[tokio::test]
 async fn a_fifo_as_the_key_file_on_sighup_is_refused_and_the_gateway_keeps_serving() {
     let setup = setup().await;
-    let gateway = Gateway::start(&setup.config);
+    let gateway = Served::start(&setup.config, &[]);
     assert_serving(&gateway).await;
 
     // The folder watch sees the swap too; either reload must refuse the FIFO, not wait on it.
@@ -274,7 +134,7 @@ async fn a_fifo_as_the_key_file_on_sighup_is_refused_and_the_gateway_keeps_servi
     );
 
     assert_serving(&gateway).await;
-    let (status, log) = gateway.terminate();
+    let (status, log) = stop(gateway);
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(!log.contains(API_KEY));
 }
@@ -282,7 +142,7 @@ async fn a_fifo_as_the_key_file_on_sighup_is_refused_and_the_gateway_keeps_servi
 #[tokio::test]
 async fn dev_zero_as_the_config_file_is_refused_without_filling_memory() {
     let setup = setup().await;
-    let gateway = Gateway::start(&setup.config);
+    let gateway = Served::start(&setup.config, &[]);
     assert_serving(&gateway).await;
 
     // Replaced by a symlink (as a ConfigMap is), which the folder watch sees, then SIGHUP.
@@ -319,7 +179,7 @@ async fn dev_zero_as_the_config_file_is_refused_without_filling_memory() {
     assert_serving(&gateway).await;
     let rss = gateway.rss_kb();
     assert!(rss < RSS_LIMIT_KB, "RSS {rss} kB after refusing /dev/zero");
-    let (status, log) = gateway.terminate();
+    let (status, log) = stop(gateway);
     assert!(status.success(), "exit {status}; log:\n{log}");
 }
 
@@ -327,7 +187,7 @@ async fn dev_zero_as_the_config_file_is_refused_without_filling_memory() {
 async fn a_fifo_as_the_key_file_at_start_is_an_immediate_error_naming_it() {
     let setup = setup().await;
     replace_with_fifo(&setup.key_file);
-    let gateway = Gateway::spawn(&setup.config);
+    let gateway = Served::spawn(&setup.config, &[]);
     let (status, log) = gateway.exit_within(Duration::from_secs(10));
     assert!(!status.success(), "{status}");
     assert!(
@@ -345,7 +205,7 @@ async fn a_key_file_others_can_read_is_warned_about_at_start_and_on_reload() {
     let names_the_key = |line: &str| line.contains(&*setup.key_file.to_string_lossy());
 
     std::fs::set_permissions(&setup.key_file, PermissionsExt::from_mode(0o644)).unwrap();
-    let gateway = Gateway::start(&setup.config);
+    let gateway = Served::start(&setup.config, &[]);
     let warning = gateway
         .startup
         .iter()
@@ -363,17 +223,17 @@ async fn a_key_file_others_can_read_is_warned_about_at_start_and_on_reload() {
         value["level"] == "WARN" && warned(&value.to_string())
     });
     assert_eq!(again["mode"], "0644", "{again}");
-    let (status, log) = gateway.terminate();
+    let (status, log) = stop(gateway);
     assert!(status.success(), "exit {status}; log:\n{log}");
 
     std::fs::set_permissions(&setup.key_file, PermissionsExt::from_mode(0o600)).unwrap();
-    let gateway = Gateway::start(&setup.config);
+    let gateway = Served::start(&setup.config, &[]);
     assert!(
         !gateway.startup.iter().any(|line| warned(line)),
         "warned about a 0600 key file: {:?}",
         gateway.startup
     );
-    let (status, log) = gateway.terminate();
+    let (status, log) = stop(gateway);
     assert!(status.success(), "exit {status}; log:\n{log}");
     assert!(!log.lines().any(warned), "{log}");
 }

@@ -4,17 +4,15 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::serve::{Served, BIN};
 use common::{config_for, read_audit, wait_for_upstream, API_KEY};
 use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http::Request;
 use http_body_util::{BodyExt, Full};
-
-const BIN: &str = env!("CARGO_BIN_EXE_datafold-gateway");
 
 /// A caller's credential sent to the gateway; it must not show up anywhere either.
 const CALLER_SECRET: &str = "caller-secret-3b9d0f1e";
@@ -151,85 +149,6 @@ fn config_path_defaults_to_the_environment_variable() {
     );
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(String::from_utf8_lossy(&output.stdout).contains("eu.datafold.com"));
-}
-
-/// A `serve` process, with its log lines collected as they come. Killed if dropped unwaited.
-struct Served {
-    child: Option<Child>,
-    addr: String,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Served {
-    /// Starts `serve` and waits for its "listening" line, which carries the bound address.
-    fn start(config: &str, envs: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config", config])
-            .env_remove("DATAFOLD_API_KEY")
-            .envs(envs.iter().copied())
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut served = Self {
-            child: Some(child),
-            addr: String::new(),
-            lines,
-        };
-        while served.addr.is_empty() {
-            let line = served
-                .lines
-                .recv_timeout(Duration::from_secs(30))
-                .expect("the gateway logged no 'listening' line");
-            if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
-                if value["message"] == "listening" {
-                    served.addr = value["addr"].as_str().unwrap().to_owned();
-                }
-            }
-        }
-        served
-    }
-
-    fn terminate(&self) {
-        self.signal(libc::SIGTERM);
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        let child = self.child.as_ref().unwrap();
-        let pid = libc::pid_t::try_from(child.id()).unwrap();
-        // SAFETY: kill(2) with a pid we spawned and still own (not yet waited for).
-        let sent = unsafe { libc::kill(pid, signal) };
-        assert_eq!(sent, 0, "kill failed");
-    }
-
-    /// Waits for exit and returns the exit status and every log line.
-    fn wait(mut self) -> (std::process::ExitStatus, String) {
-        let status = self.child.take().unwrap().wait().unwrap();
-        let mut log = String::new();
-        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            log.push_str(&line);
-            log.push('\n');
-        }
-        (status, log)
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
 }
 
 /// Sends a request and returns its status, checking that no answer, gateway-made errors
@@ -681,23 +600,6 @@ fn rewrite_config(setup: &Setup, old_extra: &str, new_extra: &str) {
     std::fs::write(&setup.config, format!("{base}{new_extra}")).unwrap();
 }
 
-/// Waits (up to 10 s) for a log line whose message is `message`.
-fn wait_for_log(served: &Served, message: &str) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = served
-            .lines
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no '{message}' log line"));
-        if let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) {
-            if value["message"] == message {
-                return value;
-            }
-        }
-    }
-}
-
 #[tokio::test]
 async fn sighup_adds_and_revokes_token_callers() {
     const ANALYTICS: &str = "dfgw_sighup_analytics_token";
@@ -725,8 +627,8 @@ async fn sighup_adds_and_revokes_token_callers() {
     rewrite_config(&setup, &before, &token_callers(&[("billing", BILLING)]));
     served.signal(libc::SIGHUP);
     // The folder watch may reload first; the signal's own reload follows its log line.
-    wait_for_log(&served, "reloading (SIGHUP)");
-    wait_for_log(&served, "[callers] and [rate_limit] reloaded");
+    served.wait_for_log("reloading (SIGHUP)");
+    served.wait_for_log("[callers] and [rate_limit] reloaded");
     assert_eq!(start(BILLING).await, 200);
     assert_eq!(start(ANALYTICS).await, 401);
 
@@ -737,11 +639,9 @@ async fn sighup_adds_and_revokes_token_callers() {
         "[callers]\nmode = \"token\"\n[[callers.token]]\nname = \"x\"\nsha256 = \"not hex\"\n",
     );
     served.signal(libc::SIGHUP);
-    wait_for_log(&served, "reloading (SIGHUP)");
-    let refused = wait_for_log(
-        &served,
-        "configuration not reloaded; the previous one stays in effect",
-    );
+    served.wait_for_log("reloading (SIGHUP)");
+    let refused =
+        served.wait_for_log("configuration not reloaded; the previous one stays in effect");
     assert!(
         refused["error"]
             .as_str()
@@ -770,8 +670,8 @@ async fn sighup_rotates_the_key_from_its_file() {
     served.signal(libc::SIGHUP);
     // The folder watch may get to the key first; either way it is in effect once the
     // signal's reload, which does the key first, has moved on to the config.
-    wait_for_log(&served, "reloading (SIGHUP)");
-    wait_for_log(&served, "[callers] and [rate_limit] reloaded");
+    served.wait_for_log("reloading (SIGHUP)");
+    served.wait_for_log("[callers] and [rate_limit] reloaded");
     assert_eq!(
         send(&served.addr, "POST", "/api/v1/data_sources/1/test", &[]).await,
         401
@@ -821,7 +721,7 @@ async fn sigusr1_reopens_the_audit_file_without_losing_records_in_flight() {
     }
     std::fs::rename(&audit, &rotated).unwrap();
     served.signal(libc::SIGUSR1);
-    wait_for_log(&served, "audit file reopened");
+    served.wait_for_log("audit file reopened");
     while lines(&audit) < 20 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

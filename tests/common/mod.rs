@@ -2,6 +2,8 @@
 //! CA, and the gateway in front of it, both on ephemeral loopback ports.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
