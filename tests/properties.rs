@@ -173,7 +173,8 @@ fn method() -> impl Strategy<Value = Method> {
 }
 
 /// An optional sign, then ASCII digits only; its value if it fits an `i64`. Written apart from
-/// `str::parse` so the parser is checked against an independent reading.
+/// `str::parse` so the parser is checked against an independent reading. The fuzz target
+/// `fuzz/fuzz_targets/route.rs` has the same oracle: change both together.
 fn integer_spelling(segment: &str) -> Option<i64> {
     let (negative, digits) = match segment.as_bytes().first()? {
         b'-' => (true, &segment[1..]),
