@@ -53,11 +53,14 @@ TOML
 
 # rel_upstream [DELAY]: start the stand-in; what reaches it is logged to $R/upstream.log.
 rel_upstream() {
+  if ss -ltn | grep -qE '127.0.0.1:(18080|18443|19090) '; then
+    echo "a port of the run is taken (a gateway or stand-in left running?)"; return 1
+  fi
   : > "$R/upstream.log"
   python3 "$HERE/upstream.py" 18443 "$R/leaf.pem" "$R/leaf.key" "$R/upstream.log" "${1:-0}" \
     > "$R/upstream.out" 2>&1 &
   echo $! > "$R/upstream.pid"
-  for _ in $(seq 50); do grep -q upstream "$R/upstream.out" && return 0; sleep 0.1; done
+  for _ in $(seq 50); do grep -q "^upstream https" "$R/upstream.out" && return 0; sleep 0.1; done
   echo "stand-in did not start:"; cat "$R/upstream.out"; return 1
 }
 
@@ -66,7 +69,8 @@ rel_gateway() {
   : > "$R/audit.jsonl"
   ( ulimit -n "$(ulimit -Hn)"; exec "$BIN" serve --config "$R/gateway.toml" ) > "$R/gateway.log" 2>&1 &
   echo $! > "$R/gateway.pid"
-  for _ in $(seq 50); do curl -fs "http://$ADMIN/healthz" >/dev/null && return 0; sleep 0.1; done
+  for _ in $(seq 50); do kill -0 "$(gwpid)" 2>/dev/null || break
+    curl -fs "http://$ADMIN/healthz" >/dev/null && return 0; sleep 0.1; done
   echo "gateway did not start:"; cat "$R/gateway.log"; return 1
 }
 

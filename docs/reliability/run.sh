@@ -24,7 +24,7 @@ report() {  # audit and upstream totals after a run
 }
 
 flood() {  # $1: path
-  rel_config; rel_upstream; rel_gateway || exit 1
+  rel_config; { rel_upstream && rel_gateway; } || exit 1
   local c0; c0=$(cpu)
   wrk -t1 -c32 -d10s "http://$GW$1" > "$R/wrk.out" 2>&1 &
   local w=$!
@@ -41,13 +41,13 @@ case "${1:-}" in
 flood-short) flood /api/v1/data_sources ;;
 flood-long) flood "/$(head -c 8192 /dev/zero | tr '\0' a)" ;;
 slowbody)
-  rel_config; rel_upstream; rel_gateway || exit 1
+  rel_config; { rel_upstream && rel_gateway; } || exit 1
   ( ulimit -n "$(ulimit -Hn)"; python3 "$HERE/conns.py" slowbody 1100 14 "$TOKEN" ) > "$R/conns.out" 2>&1 &
   w=$!
   sleep 3; echo "  gateway: $(hwm)"; caller 5
   wait $w; cat "$R/conns.out"; report ;;
 smuggle)
-  rel_config; rel_upstream; rel_gateway || exit 1
+  rel_config; { rel_upstream && rel_gateway; } || exit 1
   python3 "$HERE/smuggle.py" "$TOKEN"
   sleep 0.5
   echo "  upstream received (method path content-length body):"
@@ -58,7 +58,7 @@ for l in open(sys.argv[1]):
   echo "  data source 666 reached the upstream: $(grep -c '/666/' "$R/upstream.log") times"
   report ;;
 h2-reset|h2-reset-stranger|h2-continuation)
-  rel_config; rel_upstream; rel_gateway || exit 1
+  rel_config; { rel_upstream && rel_gateway; } || exit 1
   c0=$(cpu)
   case $1 in
     h2-reset) args=(reset 10 "$TOKEN") ;;
@@ -72,7 +72,7 @@ h2-reset|h2-reset-stranger|h2-continuation)
   echo "  gateway: $(hwm) cpu $(echo "$(cpu) - $c0" | bc) s over ~10 s"
   report ;;
 idle)
-  rel_config $'[limits]\nheader_read_timeout = "20s"'; rel_upstream; rel_gateway || exit 1
+  rel_config $'[limits]\nheader_read_timeout = "20s"'; { rel_upstream && rel_gateway; } || exit 1
   echo "  gateway before: $(hwm)"
   ( ulimit -n "$(ulimit -Hn)"; python3 "$HERE/conns.py" idle 10000 35 ) > "$R/conns.out" 2>&1 &
   w=$!
@@ -84,14 +84,15 @@ idle)
   wait $w; cat "$R/conns.out"
   echo "  gateway after: $(hwm), fds $(ls /proc/$(gwpid)/fd | wc -l)" ;;
 slowloris)
-  rel_config $'[limits]\nheader_read_timeout = "10s"'; rel_upstream; rel_gateway || exit 1
+  rel_config $'[limits]\nheader_read_timeout = "10s"'; { rel_upstream && rel_gateway; } || exit 1
   python3 "$HERE/conns.py" slowloris 50 20 "$TOKEN" ;;
 sigterm)
-  rel_config; rel_upstream 3; rel_gateway || exit 1
-  seq 200 | xargs -P 200 -I{} curl -s -o /dev/null -w '%{http_code}\n' -m 40 -X POST \
+  rel_config; { rel_upstream 8 && rel_gateway; } || exit 1
+  # The stand-in holds each request 8 s; SIGTERM goes once all 200 have reached it (or after 7 s).
+  seq 200 | xargs -P 200 -I{} curl -s -o /dev/null -w '%{http_code} curl-exit-%{exitcode}\n' -m 40 -X POST \
     -H "Authorization: Bearer $TOKEN" "http://$GW/api/v1/data_sources/{}/test" > "$R/codes.out" &
   w=$!
-  sleep 1.5
+  for _ in $(seq 70); do [ "$(wc -l < "$R/upstream.log")" -ge 200 ] && break; sleep 0.1; done
   echo "  in flight at SIGTERM: $(wc -l < "$R/upstream.log") reached the upstream, $(wc -l < "$R/codes.out") answered"
   g=$(gwpid); kill -TERM "$g"
   wait "$g" 2>/dev/null; rc=$?
@@ -99,8 +100,8 @@ sigterm)
   echo "  gateway exit code: $rc"
   wait $w
   echo "  answers:"; sort "$R/codes.out" | uniq -c | sed 's/^/    /'
-  echo "  answered: $(grep -c . "$R/codes.out"), audit records: $(wc -l < "$R/audit.jsonl")"
-  echo "  requests lost: $(( 200 - $(grep -vc '^000$' "$R/codes.out") ))"
+  echo "  curls: $(grep -c . "$R/codes.out"), answered with a status: $(grep -vc "^000" "$R/codes.out"), audit records: $(wc -l < "$R/audit.jsonl")"
+  echo "  requests lost (sent, not answered): $(grep -c '^000' "$R/codes.out")"
   report ;;
 files)
   # 1) at start: the key file is a FIFO nobody writes; 2) the config file is /dev/zero.
