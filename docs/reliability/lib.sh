@@ -26,7 +26,7 @@ rel_certs() {
 # built-in ones, audit to $R/audit.jsonl. The same file works for the old and the new binary.
 rel_config() {
   rel_certs
-  printf 'k3y-reliability' > "$R/api-key"; chmod 600 "$R/api-key"
+  rm -f "$R/api-key"; printf 'k3y-reliability' > "$R/api-key"; chmod 600 "$R/api-key"
   local sha; sha=$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)
   cat > "$R/gateway.toml" <<TOML
 [listen]
@@ -51,13 +51,13 @@ ${1:-}
 TOML
 }
 
-# rel_upstream [DELAY]: start the stand-in; what reaches it is logged to $R/upstream.log.
+# rel_upstream [DELAY [PAD]]: start the stand-in; what reaches it is logged to $R/upstream.log.
 rel_upstream() {
   if ss -ltn | grep -qE '127.0.0.1:(18080|18443|19090) '; then
     echo "a port of the run is taken (a gateway or stand-in left running?)"; return 1
   fi
   : > "$R/upstream.log"
-  python3 "$HERE/upstream.py" 18443 "$R/leaf.pem" "$R/leaf.key" "$R/upstream.log" "${1:-0}" \
+  python3 "$HERE/upstream.py" 18443 "$R/leaf.pem" "$R/leaf.key" "$R/upstream.log" "${1:-0}" "${2:-0}" \
     > "$R/upstream.out" 2>&1 &
   echo $! > "$R/upstream.pid"
   for _ in $(seq 50); do grep -q "^upstream https" "$R/upstream.out" && return 0; sleep 0.1; done

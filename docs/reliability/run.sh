@@ -2,7 +2,7 @@
 # One reliability run against one gateway binary. Everything on 127.0.0.1, bounded in time.
 #   BIN=/path/to/datafold-gateway docs/reliability/run.sh CASE
 # CASE: flood-short flood-long slowbody smuggle h2-reset h2-reset-stranger h2-continuation
-#       idle slowloris sigterm files
+#       idle slowloris big-answer sigterm files
 # Needs: python3 (+ `pip install h2` for the h2 cases), wrk, curl, openssl.
 set -u
 : "${BIN:?set BIN to the gateway binary}"
@@ -86,6 +86,12 @@ idle)
 slowloris)
   rel_config $'[limits]\nheader_read_timeout = "10s"'; { rel_upstream && rel_gateway; } || exit 1
   python3 "$HERE/conns.py" slowloris 50 20 "$TOKEN" ;;
+big-answer)
+  # Each answer from the stand-in is 20 MB; 20 requests at once.
+  rel_config; { rel_upstream 0 20000000 && rel_gateway; } || exit 1
+  seq 20 | xargs -P 20 -I{} curl -s -o /dev/null -w '%{http_code} %{size_download}\n' -m 30 -X POST \
+    -H "Authorization: Bearer $TOKEN" "http://$GW/api/v1/data_sources/{}/test" | sort | uniq -c | sed 's/^/  /'
+  echo "  gateway: $(hwm)"; report ;;
 sigterm)
   rel_config; { rel_upstream 8 && rel_gateway; } || exit 1
   # The stand-in holds each request 8 s; SIGTERM goes once all 200 have reached it (or after 7 s).
@@ -108,20 +114,27 @@ files)
   rel_config
   rm -f "$R/fifo"; mkfifo "$R/fifo"
   sed "s|file = \"$R/api-key\"|file = \"$R/fifo\"|" "$R/gateway.toml" > "$R/fifo.toml"
-  ( ulimit -v 4000000; timeout 10 "$BIN" serve --config "$R/fifo.toml" ) > "$R/f1.log" 2>&1
-  echo "  key = FIFO at start: exit $? (124 = still hanging after 10 s); $(tail -c 300 "$R/f1.log")"
-  ( ulimit -v 4000000; timeout 10 "$BIN" serve --config /dev/zero ) > "$R/f2.log" 2>&1
-  echo "  config = /dev/zero at start: exit $? (124 = hanging); $(tail -c 300 "$R/f2.log")"
+  ( ulimit -v 4000000; timeout -k 1 10 "$BIN" serve --config "$R/fifo.toml" ) > "$R/f1.log" 2>&1
+  echo "  key = FIFO at start: exit $? (124 or 137 = still hanging after 10 s, killed); $(tail -c 300 "$R/f1.log")"
+  ( ulimit -v 4000000; timeout -k 1 10 "$BIN" serve --config /dev/zero ) > "$R/f2.log" 2>&1
+  echo "  config = /dev/zero at start: exit $? (124 or 137 = still hanging after 10 s, killed); $(tail -c 300 "$R/f2.log")"
   # 3) on reload: a running gateway, the key file swapped for the FIFO, then for /dev/zero.
   rel_upstream
   : > "$R/audit.jsonl"
   ( ulimit -n "$(ulimit -Hn)"; ulimit -v 4000000; exec "$BIN" serve --config "$R/gateway.toml" ) > "$R/gateway.log" 2>&1 &
   echo $! > "$R/gateway.pid"; sleep 1
-  echo "  running: $(authed) $(hwm)"
+  echo "  running: request $(authed), $(hwm)"
   ln -sf "$R/fifo" "$R/api-key.new"; mv -T "$R/api-key.new" "$R/api-key"; kill -HUP "$(gwpid)"; sleep 2
   echo "  key -> FIFO + SIGHUP: healthz $(curl -s -o /dev/null -w '%{http_code}' -m 3 "http://$ADMIN/healthz")," \
        "request $(authed), $(hwm)"
   printf 'k3y-reliability' > "$R/api-key.new"; mv -T "$R/api-key.new" "$R/api-key"; kill -HUP "$(gwpid)"; sleep 1
+  if ! curl -fs -o /dev/null -m 3 "http://$ADMIN/healthz"; then
+    echo "  the gateway is stuck; KILL and start it again for the next step"
+    kill -KILL "$(gwpid)"; sleep 0.5
+    ( ulimit -n "$(ulimit -Hn)"; ulimit -v 4000000; exec "$BIN" serve --config "$R/gateway.toml" ) >> "$R/gateway.log" 2>&1 &
+    echo $! > "$R/gateway.pid"; sleep 1
+    echo "  running again: request $(authed), $(hwm)"
+  fi
   ln -sf /dev/zero "$R/api-key.new"; mv -T "$R/api-key.new" "$R/api-key"; kill -HUP "$(gwpid)"; sleep 3
   if kill -0 "$(gwpid)" 2>/dev/null; then
     echo "  key -> /dev/zero + SIGHUP: healthz $(curl -s -o /dev/null -w '%{http_code}' -m 3 "http://$ADMIN/healthz")," \
@@ -129,7 +142,9 @@ files)
   else
     echo "  key -> /dev/zero + SIGHUP: the gateway died"
   fi
-  grep -iE 'error|refus|panic|memory' "$R/gateway.log" | tail -n 4 | cut -c1-300 | sed 's/^/    log: /'
-  printf 'k3y-reliability' > "$R/api-key" ;;
+  grep -iE 'refused|panic|memory|alloc' "$R/gateway.log" | cut -c1-300 | sed 's/^/    log: /'
+  # A gateway stuck opening the FIFO ignores SIGTERM (its handler is on the runtime): KILL it.
+  kill -KILL "$(gwpid)" 2>/dev/null
+  rm -f "$R/api-key"; printf 'k3y-reliability' > "$R/api-key" ;;
 *) sed -n 2,6p "$0"; exit 2 ;;
 esac

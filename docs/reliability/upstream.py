@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """A small TLS stand-in for Datafold, for the reliability runs.
 
-usage: upstream.py PORT CERT KEY LOG [DELAY_SECONDS]
+usage: upstream.py PORT CERT KEY LOG [DELAY_SECONDS [PAD_BYTES]]
 
 Answers POST /api/v1/data_sources/{id}/test with 200 {"job_id": N} and
 GET /api/v1/data_sources/test/{job} with 200 {"status": "done"}, anything else 404.
-Waits DELAY_SECONDS (default 0) before each answer, to keep requests in flight.
+Waits DELAY_SECONDS (default 0) before each answer, to keep requests in flight;
+PAD_BYTES (default 0) makes each 200 answer that much bigger (a "pad" field).
 Appends one JSON line per request it receives to LOG (method, path, headers, body),
 so a run can check what reached it. HTTP/1.1 only (no ALPN), one thread per connection.
 """
@@ -13,6 +14,7 @@ import http.server, itertools, json, re, ssl, sys, threading, time
 
 port, cert, key, log_path = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 delay = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+pad = int(sys.argv[6]) if len(sys.argv) > 6 else 0
 jobs = itertools.count(1001)
 lock = threading.Lock()
 log = open(log_path, "a", buffering=1)
@@ -42,6 +44,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("content-length", "0")
             self.end_headers()
             return
+        if pad:
+            out["pad"] = "x" * pad
         data = json.dumps(out).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
