@@ -34,7 +34,20 @@ flood() {  # $1: path
   echo "  audit bytes/s over the 10 s: $(( $(stat -c %s "$R/audit.jsonl") / 10 ))"
   echo "  gateway: $(hwm) cpu $(echo "$(cpu) - $c0" | bc) s"
   report
-  echo "  audit records with suppressed: $(grep -c '"suppressed"' "$R/audit.jsonl"), path_truncated: $(grep -c '"path_truncated":true' "$R/audit.jsonl")"
+  # The metrics count every answer; the audit's records plus its `suppressed` counts should match.
+  sleep 1.5  # summaries are written about once a second
+  curl -s "http://$ADMIN/metrics" | awk '/^datafold_gateway_requests_total/ && !/forwarded/ {n += $NF}
+    END {print "  metrics: " n " refusals answered"}'
+  python3 - "$R/audit.jsonl" <<'PY'
+import collections, json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+refused = [r for r in recs if r["outcome"] != "forwarded"]
+summaries = [r for r in refused if r.get("suppressed")]
+print(f"  audit: {len(refused)} refusal records ({len(summaries)} summaries standing for"
+      f" {sum(r['suppressed'] for r in summaries)} more refusals),"
+      f" {sum(1 for r in recs if r.get('path_truncated'))} with path_truncated;"
+      f" by status {dict(collections.Counter(r['status'] for r in refused))}")
+PY
 }
 
 case "${1:-}" in
