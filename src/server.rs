@@ -493,6 +493,13 @@ async fn serve_connection<I, S, B>(
                     return;
                 }
                 match activity.idle_until(deadlines) {
+                    // Not one complete request within header_read_timeout of connecting: nothing
+                    // is in flight to finish, and a graceful close would wait on a head still
+                    // trickling in (hyper's own header timer starts only at its second byte).
+                    None if !activity.served.load(Ordering::Acquire) => {
+                        tracing::debug!(peer = %addr, "no complete request in time; closing");
+                        return;
+                    }
                     None => {
                         tracing::debug!(peer = %addr, "closing idle connection");
                         closing = true;

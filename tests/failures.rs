@@ -285,6 +285,28 @@ async fn body_that_never_arrives_is_answered_408_after_body_read_timeout() {
 }
 
 #[tokio::test]
+async fn a_first_head_trickled_in_is_cut_at_header_read_timeout_not_twice_it() {
+    let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_secs(1)).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let started = Instant::now();
+    // One byte now and one just before the deadline: hyper's own header timer would start at
+    // the second byte and run a full period from there.
+    stream.write_all(b"P").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let _ = stream.write_all(b"O").await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection was left open");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1600),
+        "closed after {took:?}"
+    );
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn half_sent_second_request_on_a_kept_alive_connection_is_disconnected() {
     let mut h = Harness::start(|c| c.limits.header_read_timeout = Duration::from_millis(300)).await;
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
