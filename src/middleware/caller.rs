@@ -337,7 +337,7 @@ where
             }
             Err(refusal) => {
                 let limited =
-                    peer.and_then(|p| self.limiters.load().check_stranger(p.addr.ip()).err());
+                    peer.and_then(|p| self.limiters.load().check_stranger(p.block()).err());
                 let (mut response, caller) = match (limited, refusal) {
                     (Some(wait), refusal) => {
                         tracing::debug!("caller refused: too many requests without valid credentials; closing the connection");
