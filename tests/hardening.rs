@@ -432,6 +432,70 @@ async fn strangers_are_limited_per_address_and_their_connections_closed() {
     h.shutdown().await;
 }
 
+/// Sends one request without credentials from `source` (any 127.0.0.0/8 address is loopback)
+/// and returns the status line.
+async fn stranger_from(h: &Harness, source: [u8; 4]) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::from((source, 0)))
+        .unwrap();
+    let mut stream = socket.connect(h.addr).await.unwrap();
+    let head = format!("POST {START} HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{{}}");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = [0u8; 4096];
+    let n = stream.read(&mut buf).await.unwrap();
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn each_address_has_its_own_stranger_limit() {
+    let mut h = token_gateway(|c| {
+        c.rate_limit.unauthenticated = datafold_gateway::config::RateLimit {
+            rate: "1/h".parse().unwrap(),
+            burst: std::num::NonZeroU32::new(1).unwrap(),
+        };
+    })
+    .await;
+    assert!(stranger_from(&h, [127, 0, 0, 2])
+        .await
+        .starts_with("HTTP/1.1 401"));
+    assert!(stranger_from(&h, [127, 0, 0, 2])
+        .await
+        .starts_with("HTTP/1.1 429"));
+    // Another address is a stranger of its own, with its own allowance.
+    assert!(stranger_from(&h, [127, 0, 0, 3])
+        .await
+        .starts_with("HTTP/1.1 401"));
+    assert!(stranger_from(&h, [127, 0, 0, 3])
+        .await
+        .starts_with("HTTP/1.1 429"));
+    h.shutdown().await;
+    // And its own records: a record of its own for the first, the second written too only if the
+    // two fell in different seconds, else in that address's summary.
+    let audit = h.audit();
+    for peer in ["127.0.0.2", "127.0.0.3"] {
+        let written = audit
+            .iter()
+            .filter(|r| {
+                r["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{peer}:")))
+            })
+            .count();
+        let summarised: u64 = audit
+            .iter()
+            .filter(|r| r["peer"] == peer)
+            .map(|r| r["suppressed"].as_u64().unwrap())
+            .sum();
+        assert!(written >= 1, "{peer}: {audit:?}");
+        assert_eq!(written as u64 + summarised, 2, "{peer}: {audit:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_stranger_refused_for_good_cannot_keep_its_connection_by_not_reading() {
     let mut h = token_gateway(|c| {
