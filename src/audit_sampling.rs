@@ -25,11 +25,11 @@ const MAX_PEERS: usize = 10_000;
 
 /// Most strangers' refusals written in full per second, all peers together: a flood from many
 /// addresses (a botnet, an IPv6 prefix) is summarised too.
-const MAX_WRITTEN_PER_SECOND: u32 = 50;
+const MAX_WRITTEN_PER_SECOND: u32 = 20;
 
 /// Most summary records one flush writes; the peers past it are summed into one record per
 /// kind, `peer: null`.
-const MAX_SUMMARIES: usize = 100;
+const MAX_SUMMARIES: usize = 50;
 
 /// How often summaries are written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
