@@ -125,5 +125,6 @@ where
         .layer(RateLimitLayer::new(parts.limiters))
         // The key goes on last, after the caller's credentials are stripped.
         .layer(InjectApiKeyLayer::new(parts.key))
+        // Only allow-listed headers cross, either way; the answer is read within its budget.
         .service(Forward::new(parts.client, parts.metrics, config))
 }
