@@ -556,7 +556,7 @@ class Bench:
 
     def wrk_run(self, target: Target, seconds: float) -> tuple[dict, str]:
         argv = [self.wrk, "-t", str(self.args.threads), "-c", str(self.args.connections),
-                "-d", f"{seconds}s", "--timeout", "5s", "--latency",
+                "-d", f"{int(seconds)}s", "--timeout", "5s", "--latency",
                 "-s", str(HERE / target.script), target.url]
         env = os.environ.copy() | target.env
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -1055,6 +1055,10 @@ def main() -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     if args.rounds < 1 or args.seconds <= 0:
         p.error("--rounds and --seconds must be positive")
+    # wrk takes whole seconds only ("1.5s" is a usage error from wrk itself).
+    for opt, value in (("--seconds", args.seconds), ("--warmup", args.warmup)):
+        if value != int(value):
+            p.error(f"{opt} must be a whole number of seconds (wrk takes no fractions), got {value}")
     args.shapes = ["h2", "h1"] if args.upstream == "both" else [args.upstream]
 
     signal.signal(signal.SIGTERM, _on_signal)
