@@ -838,9 +838,10 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
             rt = ratios(ss, runs, shape)
             cpu_of = lambda s: fmt_us(s["proxy_cpu_us_per_req"]) if s else "–"
             p99_of = lambda s: fmt_ms(s["p99_us"]) if s else "–"
+            r2 = lambda key: f"{rt[key]:.2f}" if rt.get(key) is not None else "–"
             add(f"| {SHAPES[shape]} | **{cpu_of(gw)}** | {cpu_of(ng)} | {cpu_of(hp)} | "
-                f"**{rt.get('cpu_per_req_vs_lower_peer', '–')}** | {rt.get('rps_vs_nginx', '–')} | "
-                f"{rt.get('rps_vs_haproxy', '–')} | {p99_of(gw)} / {p99_of(ng)} / {p99_of(hp)} |")
+                f"**{r2('cpu_per_req_vs_lower_peer')}** | {r2('rps_vs_nginx')} | "
+                f"{r2('rps_vs_haproxy')} | {p99_of(gw)} / {p99_of(ng)} / {p99_of(hp)} |")
         add("")
         add("CPU/req ratios below 1 mean the gateway spends less CPU per request than the cheaper "
             "of its peers; throughput ratios above 1 mean it serves more requests per second.")
