@@ -454,7 +454,7 @@ class Bench:
         self.upstream = Proc("nginx-upstream",
                              self.nginx_argv("nginx-upstream.conf", "nginx-upstream.error.log"),
                              self.work / "nginx-upstream.stderr.log")
-        for shape in SHAPES:
+        for shape in self.shapes:
             up = self.up_port[shape]
             wait_until(f"upstream ({SHAPES[shape]}, port {up})",
                        lambda: request(up, "POST", TEST_PATH, f"Key {self.key}", self.tls).status == 200,
