@@ -6,7 +6,9 @@ throwaway certificates. Standard library only (Python 3.11).
 
 Everything runs on loopback with ephemeral ports:
 
-  upstream        nginx over TLS (h2 + http/1.1) answering the two routes, 401 without the key
+  upstream        nginx over TLS answering the two routes, 401 without the key, on two ports:
+                  h2-capable (ALPN offers h2 and http/1.1) and HTTP/1.1-only (http/1.1 alone);
+                  scenario 1 runs against each shape chosen with --upstream
   direct          wrk straight to the upstream: the floor
   nginx           nginx as the proxy
   haproxy         HAProxy as the proxy
@@ -15,8 +17,9 @@ Everything runs on loopback with ephemeral ports:
                   what scenario 2's load script costs wrk, measured
   gateway-many    scenario 2: 1,000 token callers, 100,000 data source ids, limits on but high
 
-Targets run in turn, round after round; each proxy is started fresh for each of its runs (so its
-peak RSS is that of one run) and stopped afterwards. The upstream stays up for the whole run.
+Targets run in turn, round after round (scenario 1 once per upstream shape, scenario 2 against
+the first shape chosen); each proxy is started fresh for each of its runs (so its peak RSS is that
+of one run) and stopped afterwards. The upstream stays up for the whole run.
 """
 
 from __future__ import annotations
@@ -59,6 +62,13 @@ MANY_MAX_TRACKED_KEYS = 200_000
 
 SCENARIO1 = ["direct", "nginx", "haproxy", "gateway"]
 SCENARIO2 = ["gateway-lua", "gateway-many"]
+# Upstream shapes: what the upstream's ALPN offers. Scenario 1 runs against each chosen shape.
+SHAPES = {
+    "h2": "h2-capable upstream",
+    "h1": "HTTP/1.1-only upstream",
+}
+# What a client offering both protocols by ALPN must get from each shape's listener.
+SHAPE_ALPN = {"h2": "h2", "h1": "http/1.1"}
 LABELS = {
     "direct": "direct to upstream (floor)",
     "nginx": "nginx proxy",
@@ -250,8 +260,22 @@ def file_size(path: Path) -> int:
 
 @dataclass
 class Answer:
-    status: int
+    status: int | str  # an HTTP status, or the ALPN protocol for the ALPN check
     body: str
+
+
+def alpn_chosen(port: int, cafile: Path) -> str:
+    """The protocol the listener picks when a client offers h2 and http/1.1 by ALPN."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            return tls.selected_alpn_protocol() or "none"
+
+
+def check_key(target: str, shape: str) -> str:
+    """How checks and summaries name a target run against one upstream shape."""
+    return f"{target} @ {shape}"
 
 
 def request(port: int, method: str, path: str, auth: str | None, tls: ssl.SSLContext | None = None,
@@ -319,8 +343,17 @@ class Bench:
     upstream: Proc | None = None
 
     def __post_init__(self):
-        (self.up_port, self.nginx_port, self.haproxy_port, self.gw_port, self.gw_admin,
-         self.many_port, self.many_admin) = free_ports(7)
+        # Ports per upstream shape: the upstream's listener and each scenario 1 proxy's.
+        self.up_port, self.nginx_port, self.haproxy_port, self.gw_port, self.gw_admin = (
+            {}, {}, {}, {}, {})
+        ports = free_ports(5 * len(SHAPES) + 2)
+        for shape in SHAPES:
+            (self.up_port[shape], self.nginx_port[shape], self.haproxy_port[shape],
+             self.gw_port[shape], self.gw_admin[shape]) = (ports.pop() for _ in range(5))
+        self.many_port, self.many_admin = ports.pop(), ports.pop()
+        # Scenario 2 runs against the first chosen shape (h2 unless only h1 is chosen).
+        self.shapes: list[str] = self.args.shapes
+        self.many_shape = self.shapes[0]
         self.key_file = self.work / "datafold-api-key"
         self.key_file.write_text(self.key + "\n")
         self.ca = self.work / "ca.pem"
@@ -329,10 +362,12 @@ class Bench:
 
     # -- configs --
 
-    def common(self) -> dict[str, str]:
+    def common(self, shape: str) -> dict[str, str]:
+        """Values for the templates, with UPSTREAM_PORT the listener of the given shape."""
         return {
             "DIR": self.work,
-            "UPSTREAM_PORT": self.up_port,
+            "UPSTREAM_PORT": self.up_port[shape],
+            "UPSTREAM_H1_PORT": self.up_port["h1"],
             "API_KEY": self.key,
             "CA_CERT": self.ca,
             "SERVER_CERT": self.work / "server.pem",
@@ -342,27 +377,34 @@ class Bench:
         }
 
     def write_configs(self) -> None:
-        v = self.common()
+        v = self.common("h2")
         # nginx 1.25.1 replaced `listen ... http2` with the `http2 on;` directive.
         new_h2 = self.nginx_version >= (1, 25, 1)
         v["HTTP2_LISTEN"] = "" if new_h2 else "http2"
         v["HTTP2_DIRECTIVE"] = "http2 on;" if new_h2 else ""
-        for name in ("nginx-upstream", "nginx-proxy"):
+        v["HTTP2_OFF_DIRECTIVE"] = "http2 off;" if new_h2 else ""
+        for name in ("nginx-upstream", *(f"nginx-proxy-{s}" for s in SHAPES)):
             for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
                 (self.work / f"{name}.tmp" / sub).mkdir(parents=True, exist_ok=True)
         (self.work / "nginx-upstream.conf").write_text(fill("nginx-upstream.conf.in", v))
-        (self.work / "nginx-proxy.conf").write_text(
-            fill("nginx-proxy.conf.in", v | {"LISTEN_PORT": self.nginx_port}))
-        (self.work / "haproxy.cfg").write_text(
-            fill("haproxy.cfg.in", v | {"LISTEN_PORT": self.haproxy_port}))
+        (self.work / "nginx-upstream-server.conf").write_text(
+            fill("nginx-upstream-server.conf.in", v))
 
         open_callers = '[callers]\nmode = "open"'
         no_limits = "# No [rate_limit] sections: no limits."
-        (self.work / "gateway.toml").write_text(fill("gateway.toml.in", v | {
-            "LISTEN_PORT": self.gw_port, "ADMIN_PORT": self.gw_admin, "KEY_FILE": self.key_file,
-            "AUDIT_FILE": self.work / "gateway.audit.jsonl",
-            "CALLERS": open_callers, "RATE_LIMITS": no_limits,
-        }))
+        # One nginx proxy, HAProxy and gateway config per upstream shape, each on its own port.
+        for shape in SHAPES:
+            s = self.common(shape)
+            (self.work / f"nginx-proxy-{shape}.conf").write_text(fill("nginx-proxy.conf.in", s | {
+                "LISTEN_PORT": self.nginx_port[shape], "NAME": f"nginx-proxy-{shape}"}))
+            (self.work / f"haproxy-{shape}.cfg").write_text(
+                fill("haproxy.cfg.in", s | {"LISTEN_PORT": self.haproxy_port[shape]}))
+            (self.work / f"gateway-{shape}.toml").write_text(fill("gateway.toml.in", s | {
+                "LISTEN_PORT": self.gw_port[shape], "ADMIN_PORT": self.gw_admin[shape],
+                "KEY_FILE": self.key_file, "AUDIT_FILE": self.work / f"gateway-{shape}.audit.jsonl",
+                "CALLERS": open_callers, "RATE_LIMITS": no_limits,
+            }))
+        v = self.common(self.many_shape)
         entries = ['[callers]\nmode = "token"']
         for i in range(MANY_CALLERS):
             token = TOKEN_NAME.format(i)
@@ -381,23 +423,26 @@ class Bench:
 
     def validate_configs(self) -> None:
         run = lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=60)
-        checks = [
-            ("nginx-upstream.conf", [self.nginx, "-t", "-p", str(self.work), "-e",
-                                     str(self.work / "nginx-check.log"),
-                                     "-c", str(self.work / "nginx-upstream.conf")]),
-            ("nginx-proxy.conf", [self.nginx, "-t", "-p", str(self.work), "-e",
-                                  str(self.work / "nginx-check.log"),
-                                  "-c", str(self.work / "nginx-proxy.conf")]),
-            ("haproxy.cfg", [self.haproxy, "-c", "-q", "-f", str(self.work / "haproxy.cfg")]),
-            ("gateway.toml", [self.gateway_bin, "check-config", "--config",
-                              str(self.work / "gateway.toml")]),
-            ("gateway-many.toml", [self.gateway_bin, "check-config", "--config",
-                                   str(self.work / "gateway-many.toml")]),
-        ]
-        for name, argv in checks:
+        nginx_t = lambda conf: [self.nginx, "-t", "-p", str(self.work), "-e",
+                                str(self.work / "nginx-check.log"), "-c", str(self.work / conf)]
+        gw_check = lambda conf: [self.gateway_bin, "check-config", "--config", str(self.work / conf)]
+        # (generated file, template it was filled from, validating command)
+        checks = [("nginx-upstream.conf", "nginx-upstream.conf.in and nginx-upstream-server.conf.in",
+                   nginx_t("nginx-upstream.conf"))]
+        for shape in SHAPES:
+            checks += [
+                (f"nginx-proxy-{shape}.conf", "nginx-proxy.conf.in",
+                 nginx_t(f"nginx-proxy-{shape}.conf")),
+                (f"haproxy-{shape}.cfg", "haproxy.cfg.in",
+                 [self.haproxy, "-c", "-q", "-f", str(self.work / f"haproxy-{shape}.cfg")]),
+                (f"gateway-{shape}.toml", "gateway.toml.in", gw_check(f"gateway-{shape}.toml")),
+            ]
+        checks.append(("gateway-many.toml", "gateway.toml.in", gw_check("gateway-many.toml")))
+        for name, template, argv in checks:
             done = run(argv)
             if done.returncode != 0:
-                raise BenchError(f"{name} does not validate:\n{done.stdout}{done.stderr}")
+                raise BenchError(f"{self.work / name} (filled from benches/{template}) does not "
+                                 f"validate:\n{done.stdout}{done.stderr}")
 
     # -- servers --
 
@@ -409,17 +454,20 @@ class Bench:
         self.upstream = Proc("nginx-upstream",
                              self.nginx_argv("nginx-upstream.conf", "nginx-upstream.error.log"),
                              self.work / "nginx-upstream.stderr.log")
-        wait_until("upstream", lambda: request(self.up_port, "POST", TEST_PATH,
-                                               f"Key {self.key}", self.tls).status == 200,
-                   self.upstream)
-        up = self.up_port
-        self.record_checks("direct", [
-            ("POST test, right key", 200, lambda: request(up, "POST", TEST_PATH, f"Key {self.key}", self.tls)),
-            ("GET result, right key", 200, lambda: request(up, "GET", RESULT_PATH, f"Key {self.key}", self.tls)),
-            ("POST test, no Authorization", 401, lambda: request(up, "POST", TEST_PATH, None, self.tls)),
-            ("POST test, caller's Bearer", 401, lambda: request(up, "POST", TEST_PATH, CALLER_AUTH, self.tls)),
-            ("POST test, wrong key", 401, lambda: request(up, "POST", TEST_PATH, "Key wrong", self.tls)),
-        ])
+        for shape in self.shapes:
+            up = self.up_port[shape]
+            wait_until(f"upstream ({SHAPES[shape]}, port {up})",
+                       lambda: request(up, "POST", TEST_PATH, f"Key {self.key}", self.tls).status == 200,
+                       self.upstream)
+            self.record_checks(check_key("direct", shape), [
+                ("ALPN offering h2 and http/1.1 → chosen", SHAPE_ALPN[shape],
+                 lambda: Answer(alpn_chosen(up, self.ca), "")),
+                ("POST test, right key", 200, lambda: request(up, "POST", TEST_PATH, f"Key {self.key}", self.tls)),
+                ("GET result, right key", 200, lambda: request(up, "GET", RESULT_PATH, f"Key {self.key}", self.tls)),
+                ("POST test, no Authorization", 401, lambda: request(up, "POST", TEST_PATH, None, self.tls)),
+                ("POST test, caller's Bearer", 401, lambda: request(up, "POST", TEST_PATH, CALLER_AUTH, self.tls)),
+                ("POST test, wrong key", 401, lambda: request(up, "POST", TEST_PATH, "Key wrong", self.tls)),
+            ])
 
     def record_checks(self, target: str, cases) -> None:
         results = []
@@ -438,7 +486,7 @@ class Bench:
         if bad:
             raise BenchError(f"{target}: checks failed: {bad}")
 
-    def proxy_checks(self, target: str, port: int, token: str = CALLER_AUTH) -> None:
+    def proxy_checks(self, target: str, shape: str, port: int, token: str = CALLER_AUTH) -> None:
         cases = [
             ("POST test with caller's Bearer: key injected", 200,
              lambda: request(port, "POST", TEST_PATH, token)),
@@ -453,41 +501,48 @@ class Bench:
             cases[1] = ("GET result of own job", 200, lambda: request(port, "GET", RESULT_PATH, token))
             cases.append(("POST test with an unknown token", 401,
                           lambda: request(port, "POST", TEST_PATH, "Bearer not-a-caller")))
-        self.record_checks(target, cases)
+        self.record_checks(check_key(target, shape), cases)
 
-    def start_target(self, name: str) -> Target:
+    def start_target(self, name: str, shape: str) -> Target:
         w = self.work
+        key = check_key(name, shape)
         if name == "direct":
-            return Target(name, "wrk-post.lua", f"https://127.0.0.1:{self.up_port}{TEST_PATH}",
+            return Target(name, "wrk-post.lua", f"https://127.0.0.1:{self.up_port[shape]}{TEST_PATH}",
                           {"BENCH_AUTH": f"Key {self.key}"})
         if name == "nginx":
-            log = w / "nginx-proxy.audit.jsonl"
-            proc = Proc(name, self.nginx_argv("nginx-proxy.conf", "nginx-proxy.error.log"),
-                        w / "nginx-proxy.stderr.log")
-            wait_until(name, lambda: port_open(self.nginx_port), proc)
-            self.proxy_checks(name, self.nginx_port)
-            return Target(name, "wrk-post.lua", f"http://127.0.0.1:{self.nginx_port}{TEST_PATH}",
+            port = self.nginx_port[shape]
+            log = w / f"nginx-proxy-{shape}.audit.jsonl"
+            proc = Proc(key, self.nginx_argv(f"nginx-proxy-{shape}.conf",
+                                             f"nginx-proxy-{shape}.error.log"),
+                        w / f"nginx-proxy-{shape}.stderr.log")
+            wait_until(key, lambda: port_open(port), proc)
+            self.proxy_checks(name, shape, port)
+            return Target(name, "wrk-post.lua", f"http://127.0.0.1:{port}{TEST_PATH}",
                           {"BENCH_AUTH": CALLER_AUTH}, log, proc)
         if name == "haproxy":
-            log = w / "haproxy.audit.jsonl"
-            proc = Proc(name, [self.haproxy, "-db", "-f", str(w / "haproxy.cfg")],
-                        w / "haproxy.stderr.log", stdout=log)
-            wait_until(name, lambda: port_open(self.haproxy_port), proc)
-            self.proxy_checks(name, self.haproxy_port)
-            return Target(name, "wrk-post.lua", f"http://127.0.0.1:{self.haproxy_port}{TEST_PATH}",
+            port = self.haproxy_port[shape]
+            log = w / f"haproxy-{shape}.audit.jsonl"
+            proc = Proc(key, [self.haproxy, "-db", "-f", str(w / f"haproxy-{shape}.cfg")],
+                        w / f"haproxy-{shape}.stderr.log", stdout=log)
+            wait_until(key, lambda: port_open(port), proc)
+            self.proxy_checks(name, shape, port)
+            return Target(name, "wrk-post.lua", f"http://127.0.0.1:{port}{TEST_PATH}",
                           {"BENCH_AUTH": CALLER_AUTH}, log, proc)
         if name in ("gateway", "gateway-lua", "gateway-many"):
             many = name == "gateway-many"
-            conf = w / ("gateway-many.toml" if many else "gateway.toml")
-            port, admin = (self.many_port, self.many_admin) if many else (self.gw_port, self.gw_admin)
-            log = w / ("gateway-many.audit.jsonl" if many else "gateway.audit.jsonl")
+            if many and shape != self.many_shape:
+                raise BenchError(f"gateway-many is configured for the {self.many_shape} upstream")
+            conf = w / ("gateway-many.toml" if many else f"gateway-{shape}.toml")
+            port, admin = ((self.many_port, self.many_admin) if many
+                           else (self.gw_port[shape], self.gw_admin[shape]))
+            log = w / ("gateway-many.audit.jsonl" if many else f"gateway-{shape}.audit.jsonl")
             env = os.environ.copy()
             env.pop("RUST_LOG", None)
             env.pop("DATAFOLD_API_KEY", None)
-            proc = Proc(name, [self.gateway_bin, "serve", "--config", str(conf)],
-                        w / f"{name}.stderr.log", env=env)
-            wait_until(name, lambda: request(admin, "GET", "/readyz", None).status == 200, proc)
-            self.proxy_checks(name, port,
+            proc = Proc(key, [self.gateway_bin, "serve", "--config", str(conf)],
+                        w / f"{name}-{shape}.stderr.log", env=env)
+            wait_until(key, lambda: request(admin, "GET", "/readyz", None).status == 200, proc)
+            self.proxy_checks(name, shape, port,
                               f"Bearer {TOKEN_NAME.format(7)}" if many else CALLER_AUTH)
             url = f"http://127.0.0.1:{port}{TEST_PATH}"
             if name == "gateway":
@@ -501,7 +556,7 @@ class Bench:
 
     def wrk_run(self, target: Target, seconds: float) -> tuple[dict, str]:
         argv = [self.wrk, "-t", str(self.args.threads), "-c", str(self.args.connections),
-                "-d", f"{seconds}s", "--timeout", "5s", "--latency",
+                "-d", f"{int(seconds)}s", "--timeout", "5s", "--latency",
                 "-s", str(HERE / target.script), target.url]
         env = os.environ.copy() | target.env
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -519,8 +574,8 @@ class Bench:
             raise BenchError(f"no result line from wrk for {target.name}:\n{out}")
         return json.loads(match.group(1)), out
 
-    def measure(self, name: str, round_no: int) -> dict:
-        target = self.start_target(name)
+    def measure(self, name: str, shape: str, round_no: int) -> dict:
+        target = self.start_target(name, shape)
         try:
             if self.args.warmup > 0:
                 self.wrk_run(target, self.args.warmup)
@@ -547,6 +602,8 @@ class Bench:
         secs = result["duration_us"] / 1e6
         run = {
             "target": name,
+            "upstream": shape,
+            "upstream_port": self.up_port[shape],
             "round": round_no,
             "rps": result["requests"] / secs,
             **result,
@@ -585,6 +642,7 @@ def upstream_view(path: Path, offset: int) -> dict:
     """What the upstream's sampled log says about one run: requests per protocol, and which
     connections and workers served them (lower bounds: one request in 16 is logged)."""
     protocols: dict[str, int] = {}
+    ports: dict[str, int] = {}
     conns, workers = set(), set()
     try:
         with open(path, "rb") as f:
@@ -595,9 +653,12 @@ def upstream_view(path: Path, offset: int) -> dict:
                     protocols[parts[1]] = protocols.get(parts[1], 0) + 1
                     workers.add(parts[2])
                     conns.add((parts[2], parts[3]))
+                if len(parts) >= 7:
+                    ports[parts[6]] = ports.get(parts[6], 0) + 1
     except FileNotFoundError:
         pass
-    return {"protocols": protocols, "connections": len(conns), "workers": len(workers)}
+    return {"protocols": protocols, "ports": ports, "connections": len(conns),
+            "workers": len(workers)}
 
 
 def nginx_version_tuple(nginx: str) -> tuple[int, ...]:
@@ -612,12 +673,26 @@ def summarize(runs: list[dict]) -> dict:
     per_req = lambda key: [r[key] / r["requests"] * 1e6 for r in runs
                            if r.get(key) is not None and r["requests"]]
     protocols: dict[str, int] = {}
+    ports: dict[str, int] = {}
     for r in runs:
         for k, v in r["upstream_sampled"]["protocols"].items():
             protocols[k] = protocols.get(k, 0) + v
+        for k, v in r["upstream_sampled"].get("ports", {}).items():
+            ports[k] = ports.get(k, 0) + v
     cpu = per_req("proxy_cpu_s")
+    shape = runs[0]["upstream"]
+    want_port = str(runs[0]["upstream_port"])
+    # Every sampled request reached the listener of this shape, and against the HTTP/1.1-only
+    # upstream nothing but HTTP/1.1 was spoken.
+    upstream_ok = (bool(protocols) and set(ports) == {want_port}
+                   and (shape != "h1" or set(protocols) == {"HTTP/1.1"}))
     return {
+        "upstream": shape,
+        "upstream_label": SHAPES[shape],
         "rounds": len(runs),
+        "proxy_cpu_us_per_req": statistics.median(cpu) if cpu else None,
+        "proxy_cpu_us_per_req_min": min(cpu) if cpu else None,
+        "proxy_cpu_us_per_req_max": max(cpu) if cpu else None,
         "rps_median": statistics.median(rps),
         "rps_min": min(rps),
         "rps_max": max(rps),
@@ -628,13 +703,14 @@ def summarize(runs: list[dict]) -> dict:
         "non2xx": sum(r["non2xx"] for r in runs),
         "socket_errors": sum(r["socket_errors"] for r in runs),
         "peak_rss_kib": max(r["peak_rss_kib"] for r in runs),
-        "proxy_cpu_us_per_req": statistics.median(cpu) if cpu else None,
         "upstream_cpu_us_per_req": statistics.median(per_req("upstream_cpu_s")),
         "wrk_cpu_us_per_req": statistics.median(per_req("wrk_cpu_s")),
         "log_json_ok": all(r.get("log_json_ok", True) for r in runs),
         "log_missing": (sum(r["log_missing"] for r in runs)
                         if all("log_missing" in r for r in runs) else None),
         "upstream_protocols_sampled": protocols,
+        "upstream_ports_sampled": ports,
+        "upstream_ok": upstream_ok,
         "upstream_connections_max": max(r["upstream_sampled"]["connections"] for r in runs),
         "upstream_workers_max": max(r["upstream_sampled"]["workers"] for r in runs),
     }
@@ -652,18 +728,80 @@ def fmt_rps(x: float) -> str:
     return f"{x:,.0f}"
 
 
-def ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}" if b else "–"
+def fmt_us(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f} µs"
 
 
-def per_round_ratios(runs: list[dict], num: str, den: str) -> list[float]:
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "–"
+
+
+def run_cpu_us(r: dict) -> float | None:
+    if r.get("proxy_cpu_s") is None or not r["requests"]:
+        return None
+    return r["proxy_cpu_s"] / r["requests"] * 1e6
+
+
+def per_round_ratios(runs: list[dict], shape: str, num: str, den: str) -> list[float]:
+    """Throughput num/den round by round, within one upstream shape."""
     by = {}
     for r in runs:
-        by.setdefault(r["round"], {})[r["target"]] = r["rps"]
+        if r["upstream"] == shape:
+            by.setdefault(r["round"], {})[r["target"]] = r["rps"]
     return [round(v[num] / v[den], 2) for _, v in sorted(by.items()) if num in v and den in v]
 
 
-def report(meta: dict, summary: dict[str, dict], runs: list[dict], checks: dict) -> str:
+def per_round_cpu_vs_lower(runs: list[dict], shape: str) -> list[float]:
+    """The gateway's CPU/req ÷ the lower of nginx's and HAProxy's, round by round."""
+    by = {}
+    for r in runs:
+        if r["upstream"] == shape and r["target"] in ("gateway", "nginx", "haproxy"):
+            by.setdefault(r["round"], {})[r["target"]] = run_cpu_us(r)
+    out = []
+    for _, v in sorted(by.items()):
+        peers = [v[k] for k in ("nginx", "haproxy") if v.get(k)]
+        if v.get("gateway") is not None and peers:
+            out.append(round(v["gateway"] / min(peers), 2))
+    return out
+
+
+def lower_peer(shape_summary: dict[str, dict]) -> tuple[str, float] | None:
+    """The peer (nginx or HAProxy) with the lower CPU/req, and that figure."""
+    peers = [(LABELS[k].split()[0], s["proxy_cpu_us_per_req"]) for k in ("nginx", "haproxy")
+             if (s := shape_summary.get(k)) and s["proxy_cpu_us_per_req"] is not None]
+    return min(peers, key=lambda p: p[1]) if peers else None
+
+
+def ratios(shape_summary: dict[str, dict], runs: list[dict], shape: str) -> dict:
+    """The gateway against its peers within one upstream shape (for latest.json)."""
+    gw, ng, hp = (shape_summary.get(k) for k in ("gateway", "nginx", "haproxy"))
+    if not gw:
+        return {}
+    out: dict = {}
+    low = lower_peer(shape_summary)
+    cpu = gw["proxy_cpu_us_per_req"]
+    if low and cpu is not None:
+        out["cpu_per_req_vs_lower_peer"] = round(cpu / low[1], 3)
+        out["lower_cpu_peer"] = low[0]
+        out["cpu_per_req_vs_lower_peer_per_round"] = per_round_cpu_vs_lower(runs, shape)
+    for key, peer in (("nginx", ng), ("haproxy", hp)):
+        if peer:
+            if cpu is not None and peer["proxy_cpu_us_per_req"]:
+                out[f"cpu_per_req_vs_{key}"] = round(cpu / peer["proxy_cpu_us_per_req"], 3)
+            out[f"rps_vs_{key}"] = round(gw["rps_median"] / peer["rps_median"], 3)
+            out[f"rps_vs_{key}_per_round"] = per_round_ratios(runs, shape, "gateway", key)
+            out[f"p99_vs_{key}"] = round(gw["p99_us"] / peer["p99_us"], 3) if peer["p99_us"] else None
+    return out
+
+
+TABLE_HEAD = [
+    "| target | proxy CPU/req (median) | req/s (median) | req/s (min–max) | p99 | p50 | non-2xx "
+    "| socket errors | peak RSS | log lines missing | to upstream |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+]
+
+
+def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], checks: dict) -> str:
     out = []
     add = out.append
     add("# datafold-gateway side-by-side benchmark")
@@ -676,62 +814,103 @@ def report(meta: dict, summary: dict[str, dict], runs: list[dict], checks: dict)
         f"`Authorization: {CALLER_AUTH}`; {meta['rounds']} rounds × {meta['seconds']} s "
         f"(+{meta['warmup']} s warm-up per run); targets in turn each round: "
         + ", ".join(meta["order"]))
+    add("- upstreams: nginx over TLS, one process, two listeners with the same certificate, answers "
+        "and keep-alive settings: " + "; ".join(
+            f"**{SHAPES[s]}** (ALPN offers {'h2, http/1.1' if s == 'h2' else 'http/1.1 only'})"
+            for s in meta["upstreams"]))
     add(f"- proxies: nginx worker_processes {meta['workers']}, HAProxy nbthread {meta['workers']}, "
         "gateway: tokio multi-thread runtime (one worker per core); every proxy logs one JSON line "
         "per request to a file and verifies the upstream's certificate")
     add("- everything (wrk, upstream, proxy) shares the same cores: compare ratios within this run only")
     add("")
 
-    add("## Scenario 1: one caller, one data source")
-    add("")
-    add("| target | req/s (median) | req/s (min–max) | p50 | p99 | non-2xx | socket errors "
-        "| peak RSS | proxy CPU/req | log lines missing | to upstream |")
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
-    for name in SCENARIO1:
-        s = summary.get(name)
-        if s:
-            add(table_row(name, s))
-    add("")
-    gw, ng, hp, fl = (summary.get(k) for k in ("gateway", "nginx", "haproxy", "direct"))
-    if gw:
-        parts = []
-        if ng:
-            parts.append(f"gateway/nginx **{ratio(gw['rps_median'], ng['rps_median'])}** "
-                         f"(per round: {per_round_ratios(runs, 'gateway', 'nginx')})")
-        if hp:
-            parts.append(f"gateway/HAProxy **{ratio(gw['rps_median'], hp['rps_median'])}** "
-                         f"(per round: {per_round_ratios(runs, 'gateway', 'haproxy')})")
-        if fl:
-            parts.append(f"gateway/floor {ratio(gw['rps_median'], fl['rps_median'])}")
-        add("Throughput ratios (medians of this run): " + "; ".join(parts) + ".")
+    # At a glance: the primary figure (CPU per request) and the ratios, per upstream shape.
+    glance = [s for s in meta["upstreams"] if summary.get(s, {}).get("gateway")]
+    if glance:
+        add("## At a glance (scenario 1)")
+        add("")
+        add("| upstream | gateway CPU/req | nginx | HAProxy | gateway ÷ lower peer (CPU/req) "
+            "| req/s gateway/nginx | req/s gateway/HAProxy | p99 gateway / nginx / HAProxy |")
+        add("|---|---:|---:|---:|---:|---:|---:|---|")
+        for shape in glance:
+            ss = summary[shape]
+            gw, ng, hp = (ss.get(k) for k in ("gateway", "nginx", "haproxy"))
+            rt = ratios(ss, runs, shape)
+            cpu_of = lambda s: fmt_us(s["proxy_cpu_us_per_req"]) if s else "–"
+            p99_of = lambda s: fmt_ms(s["p99_us"]) if s else "–"
+            r2 = lambda key: f"{rt[key]:.2f}" if rt.get(key) is not None else "–"
+            add(f"| {SHAPES[shape]} | **{cpu_of(gw)}** | {cpu_of(ng)} | {cpu_of(hp)} | "
+                f"**{r2('cpu_per_req_vs_lower_peer')}** | {r2('rps_vs_nginx')} | "
+                f"{r2('rps_vs_haproxy')} | {p99_of(gw)} / {p99_of(ng)} / {p99_of(hp)} |")
+        add("")
+        add("CPU/req ratios below 1 mean the gateway spends less CPU per request than the cheaper "
+            "of its peers; throughput ratios above 1 mean it serves more requests per second.")
         add("")
 
-    if "gateway-many" in summary:
+    for shape in meta["upstreams"]:
+        ss = summary.get(shape, {})
+        add(f"## Scenario 1: one caller, one data source — {SHAPES[shape]}")
+        add("")
+        out.extend(TABLE_HEAD)
+        for name in SCENARIO1:
+            if name in ss:
+                add(table_row(name, ss[name]))
+        add("")
+        gw, ng, hp, fl = (ss.get(k) for k in ("gateway", "nginx", "haproxy", "direct"))
+        if gw:
+            rt = ratios(ss, runs, shape)
+            parts = []
+            low = lower_peer(ss)
+            if low and "cpu_per_req_vs_lower_peer" in rt:
+                cpu_parts = [f"gateway ÷ lower of nginx's and HAProxy's ({low[0]}, "
+                             f"{fmt_us(low[1])}) **{rt['cpu_per_req_vs_lower_peer']:.2f}** "
+                             f"(per round: {rt['cpu_per_req_vs_lower_peer_per_round']})"]
+                for key, label in (("nginx", "gateway/nginx"), ("haproxy", "gateway/HAProxy")):
+                    if f"cpu_per_req_vs_{key}" in rt:
+                        cpu_parts.append(f"{label} {rt[f'cpu_per_req_vs_{key}']:.2f}")
+                add("CPU/req ratios (medians of this run): " + "; ".join(cpu_parts) + ".")
+                add("")
+            if ng:
+                parts.append(f"gateway/nginx **{ratio(gw['rps_median'], ng['rps_median'])}** "
+                             f"(per round: {rt['rps_vs_nginx_per_round']})")
+            if hp:
+                parts.append(f"gateway/HAProxy **{ratio(gw['rps_median'], hp['rps_median'])}** "
+                             f"(per round: {rt['rps_vs_haproxy_per_round']})")
+            if fl:
+                parts.append(f"gateway/floor {ratio(gw['rps_median'], fl['rps_median'])}")
+            add("Throughput ratios (medians of this run): " + "; ".join(parts) + ".")
+            add("")
+
+    many_shape = meta.get("scenario2_upstream")
+    ss = summary.get(many_shape, {})
+    if "gateway-many" in ss:
         add("## Scenario 2: 1,000 token callers × 100,000 data source ids, per-caller and "
-            "per-data-source limits on (never refusing)")
+            f"per-data-source limits on (never refusing) — {SHAPES[many_shape]}")
         add("")
-        add("| target | req/s (median) | req/s (min–max) | p50 | p99 | non-2xx | socket errors "
-            "| peak RSS | proxy CPU/req | log lines missing | to upstream |")
-        add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+        out.extend(TABLE_HEAD)
         for name in ["gateway", *SCENARIO2]:
-            if name in summary:
-                add(table_row(name, summary[name]))
+            if name in ss:
+                add(table_row(name, ss[name]))
         add("")
-        many = summary["gateway-many"]
+        many, gw = ss["gateway-many"], ss.get("gateway")
         lines = []
         if gw:
             r = many["rps_median"] / gw["rps_median"]
             verdict = "within 10%" if r >= 0.9 else "MORE than 10% slower"
             growth = many["peak_rss_kib"] - gw["peak_rss_kib"]
-            lines.append(f"many callers / scenario 1 gateway: throughput **{r:.2f}** ({verdict}; "
-                         f"per round: {per_round_ratios(runs, 'gateway-many', 'gateway')}), "
+            lines.append(f"many callers / scenario 1 gateway: CPU/req "
+                         f"{ratio(many['proxy_cpu_us_per_req'], gw['proxy_cpu_us_per_req'])}, "
+                         f"throughput **{r:.2f}** ({verdict}; per round: "
+                         f"{per_round_ratios(runs, many_shape, 'gateway-many', 'gateway')}), "
                          f"peak RSS {fmt_mib(many['peak_rss_kib'])} vs {fmt_mib(gw['peak_rss_kib'])} "
                          f"(**{growth / 1024:+.1f} MiB**, {growth / gw['peak_rss_kib'] * 100:+.0f}%)")
-        ctl = summary.get("gateway-lua")
+        ctl = ss.get("gateway-lua")
         if ctl:
             line = (f"many callers / Lua-driven control (same wrk cost per request; one caller, "
-                    f"one id, open mode, no limits): **{ratio(many['rps_median'], ctl['rps_median'])}** "
-                    f"(per round: {per_round_ratios(runs, 'gateway-many', 'gateway-lua')})")
+                    f"one id, open mode, no limits): CPU/req "
+                    f"{ratio(many['proxy_cpu_us_per_req'], ctl['proxy_cpu_us_per_req'])}, "
+                    f"throughput **{ratio(many['rps_median'], ctl['rps_median'])}** "
+                    f"(per round: {per_round_ratios(runs, many_shape, 'gateway-many', 'gateway-lua')})")
             if gw:
                 line += (f"; wrk CPU/req {ctl['wrk_cpu_us_per_req']:.1f} µs with the Lua hook vs "
                          f"{gw['wrk_cpu_us_per_req']:.1f} µs without")
@@ -742,50 +921,62 @@ def report(meta: dict, summary: dict[str, dict], runs: list[dict], checks: dict)
 
     add("## Checks")
     add("")
-    add("Before each run every target answered these as expected (a proxy that fails to inject the "
-        "key gets 401 from the upstream):")
+    add("Before each run every target answered these as expected against the upstream in use "
+        "(a proxy that fails to inject the key gets 401 from the upstream; each upstream listener "
+        "must pick the protocol of its shape by ALPN):")
     add("")
-    add("| target | check → status |")
+    add("| target @ upstream | check → result |")
     add("|---|---|")
     for target, results in checks.items():
         cells = [f"{r['check']} → {r['got']}" + ("" if r["ok"] else f" ✗ (want {r['want']})")
                  for r in results]
         add(f"| {target} | {'; '.join(cells)} |")
     add("")
-    problems = [f"{LABELS[n]}: {s['non2xx']} non-2xx, {s['socket_errors']} socket errors"
+    flat = [(shape, n, s) for shape, ss in summary.items() for n, s in ss.items()]
+    problems = [f"{LABELS[n]} ({SHAPES[shape]}): {s['non2xx']} non-2xx, {s['socket_errors']} "
+                "socket errors"
                 + ("" if s["log_json_ok"] else ", log lines that are not JSON")
-                for n, s in summary.items() if failed(n, s)]
+                + ("" if s["upstream_ok"] else
+                   f", upstream saw {s['upstream_protocols_sampled']} on ports "
+                   f"{s['upstream_ports_sampled']}")
+                for shape, n, s in flat if failed(n, s)]
     if problems:
         add("**Problems:** " + "; ".join(problems))
     else:
-        add("All targets: 0 non-2xx, 0 socket errors, log/audit lines are JSON.")
-    short = [f"{LABELS[n]} at least {s['log_missing']:,} of {s['requests']:,}"
-             for n, s in summary.items() if s["log_missing"]]
+        add("All targets: 0 non-2xx, 0 socket errors, log/audit lines are JSON, every sampled "
+            "upstream request reached the listener of its shape (HTTP/1.1 only on the "
+            "HTTP/1.1-only upstream).")
+    short = [f"{LABELS[n]} ({SHAPES[shape]}) at least {s['log_missing']:,} of {s['requests']:,}"
+             for shape, n, s in flat if s["log_missing"]]
     if short:
         add("")
         add("Log lines missing (fewer lines than requests wrk counted): " + "; ".join(short) + "."
             + (" HAProxy drops a log line rather than block when its threads collide on the log "
                "file descriptor (`log stdout`), so its log is not a complete audit trail under "
-               "load." if summary.get("haproxy", {}).get("log_missing") else ""))
+               "load." if any(n == "haproxy" and s["log_missing"] for _, n, s in flat) else ""))
     else:
         add("")
         add("Every target logged at least one line per request wrk counted.")
     add("")
-    add("Columns: req/s = requests ÷ wrk's measured duration; p50/p99 = wrk --latency, median over "
-        "rounds; non-2xx and socket errors summed over rounds; peak RSS = VmHWM, max over rounds "
-        "(nginx: master + workers summed); proxy CPU/req = user+system CPU of the proxy's processes "
-        "during the measured run ÷ requests; log lines missing = requests wrk counted minus lines "
-        "the proxy logged during the run (a lower bound); to upstream = the protocols the upstream saw from that "
-        "target, over how many connections and upstream workers (one request in 16 sampled, so "
-        "the counts are lower bounds).")
+    add("Columns: proxy CPU/req = user+system CPU of the proxy's processes during the measured run "
+        "÷ requests, median over rounds (the primary figure: steadier than req/s when everything "
+        "shares the cores); req/s = requests ÷ wrk's measured duration; p99/p50 = wrk --latency, "
+        "median over rounds; non-2xx and socket errors summed over rounds; peak RSS = VmHWM, max "
+        "over rounds (nginx: master + workers summed); log lines missing = requests wrk counted "
+        "minus lines the proxy logged during the run (a lower bound); to upstream = the protocols "
+        "the upstream saw from that target, over how many connections and upstream workers (one "
+        "request in 16 sampled, so the counts are lower bounds).")
     return "\n".join(out) + "\n"
 
 
 def failed(name: str, s: dict) -> bool:
     """Errors fail the run; so does a gateway audit trail with a line missing (the gateway
-    promises one line per answer). nginx's and HAProxy's logs are reported, not judged."""
+    promises one line per answer), and requests that reached the wrong upstream listener or
+    spoke anything but HTTP/1.1 to the HTTP/1.1-only one. nginx's and HAProxy's logs are
+    reported, not judged."""
     gateway_short = name.startswith("gateway") and s["log_missing"]
-    return bool(s["non2xx"] or s["socket_errors"] or not s["log_json_ok"] or gateway_short)
+    return bool(s["non2xx"] or s["socket_errors"] or not s["log_json_ok"] or gateway_short
+                or not s["upstream_ok"])
 
 
 def table_row(name: str, s: dict) -> str:
@@ -795,12 +986,12 @@ def table_row(name: str, s: dict) -> str:
     if total:
         protos += (f"; {s['upstream_connections_max']} conn, "
                    f"{s['upstream_workers_max']} worker{'s' if s['upstream_workers_max'] > 1 else ''}")
-    cpu = f"{s['proxy_cpu_us_per_req']:.1f} µs" if s["proxy_cpu_us_per_req"] is not None else "–"
+    cpu = f"**{fmt_us(s['proxy_cpu_us_per_req'])}**" if s["proxy_cpu_us_per_req"] is not None else "–"
     missing = "–" if s["log_missing"] is None else f"{s['log_missing']:,}"
-    return (f"| {LABELS[name]} | **{fmt_rps(s['rps_median'])}** | "
-            f"{fmt_rps(s['rps_min'])}–{fmt_rps(s['rps_max'])} | {fmt_ms(s['p50_us'])} | "
-            f"{fmt_ms(s['p99_us'])} | {s['non2xx']} | {s['socket_errors']} | "
-            f"{fmt_mib(s['peak_rss_kib'])} | {cpu} | {missing} | {protos} |")
+    return (f"| {LABELS[name]} | {cpu} | {fmt_rps(s['rps_median'])} | "
+            f"{fmt_rps(s['rps_min'])}–{fmt_rps(s['rps_max'])} | {fmt_ms(s['p99_us'])} | "
+            f"{fmt_ms(s['p50_us'])} | {s['non2xx']} | {s['socket_errors']} | "
+            f"{fmt_mib(s['peak_rss_kib'])} | {missing} | {protos} |")
 
 
 def machine_meta(bench: Bench) -> dict:
@@ -849,6 +1040,10 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="wrk threads")
     p.add_argument("--workers", type=int, default=2,
                    help="nginx worker_processes and HAProxy nbthread (default 2)")
+    p.add_argument("--upstream", choices=["h2", "h1", "both"], default="both",
+                   help="upstream shape(s) for scenario 1: h2 (ALPN offers h2 and http/1.1), "
+                        "h1 (ALPN offers http/1.1 only) or both, in the same run (default both); "
+                        "scenario 2 uses the first chosen")
     p.add_argument("--scenario1-only", action="store_true", help="skip the many-callers scenario")
     p.add_argument("--results", default=str(HERE / "results"), help="where latest.md/json go")
     p.add_argument("--gateway", required=True, help="the release binary (run.sh passes it)")
@@ -861,10 +1056,20 @@ def main() -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
     if args.rounds < 1 or args.seconds <= 0:
         p.error("--rounds and --seconds must be positive")
+    # wrk takes whole seconds only ("1.5s" is a usage error from wrk itself).
+    for opt, value in (("--seconds", args.seconds), ("--warmup", args.warmup)):
+        if value != int(value):
+            p.error(f"{opt} must be a whole number of seconds (wrk takes no fractions), got {value}")
+    args.shapes = ["h2", "h1"] if args.upstream == "both" else [args.upstream]
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
-    order = SCENARIO1 + ([] if args.scenario1_only else SCENARIO2)
+    # (target, upstream shape) in the order they run each round: scenario 1 against every
+    # chosen shape, then scenario 2 against the first.
+    plan = [(name, shape) for shape in args.shapes for name in SCENARIO1]
+    if not args.scenario1_only:
+        plan += [(name, args.shapes[0]) for name in SCENARIO2]
+    order = [check_key(name, shape) for name, shape in plan]
     try:
         bench = Bench(args, Path(args.workdir).resolve(), args.gateway, find_tool("nginx"),
                       find_tool("haproxy"), find_tool("wrk"))
@@ -873,18 +1078,22 @@ def main() -> int:
         meta = machine_meta(bench) | {
             "rounds": args.rounds, "seconds": args.seconds, "warmup": args.warmup,
             "threads": args.threads, "connections": args.connections, "workers": args.workers,
-            "order": order,
+            "order": order, "upstreams": args.shapes,
+            "scenario2_upstream": None if args.scenario1_only else args.shapes[0],
+            "upstream_ports": {s: bench.up_port[s] for s in args.shapes},
         }
-        est = args.rounds * len(order) * (args.seconds + args.warmup + 0.7)
-        print(f"==> {args.rounds} rounds × {len(order)} targets, about {est / 60:.1f} min",
+        est = args.rounds * len(plan) * (args.seconds + args.warmup + 0.7)
+        print(f"==> {args.rounds} rounds × {len(plan)} targets, about {est / 60:.1f} min",
               file=sys.stderr)
         bench.start_upstream()
         runs = []
         for round_no in range(1, args.rounds + 1):
-            for name in order:
-                run = bench.measure(name, round_no)
+            for name, shape in plan:
+                run = bench.measure(name, shape, round_no)
                 runs.append(run)
-                print(f"    round {round_no} {name:13} {run['rps']:10,.0f} req/s  "
+                cpu = run_cpu_us(run)
+                print(f"    round {round_no} {check_key(name, shape):17} "
+                      f"cpu/req {fmt_us(cpu):>9}  {run['rps']:8,.0f} req/s  "
                       f"p99 {fmt_ms(run['p99_us']):>9}  non-2xx {run['non2xx']}  "
                       f"sock {run['socket_errors']}  rss {fmt_mib(run['peak_rss_kib'])}",
                       file=sys.stderr)
@@ -899,16 +1108,22 @@ def main() -> int:
     finally:
         stop_all()
 
-    summary = {name: summarize([r for r in runs if r["target"] == name]) for name in order}
+    # Keyed by upstream shape, then target; every run in latest.json carries its shape too.
+    summary: dict[str, dict[str, dict]] = {}
+    for name, shape in plan:
+        summary.setdefault(shape, {})[name] = summarize(
+            [r for r in runs if r["target"] == name and r["upstream"] == shape])
+    ratio_book = {shape: ratios(summary[shape], runs, shape) for shape in summary}
     text = report(meta, summary, runs, bench.checks)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "latest.md").write_text(text)
     (results / "latest.json").write_text(json.dumps(
-        {"meta": meta, "summary": summary, "checks": bench.checks, "runs": runs}, indent=1) + "\n")
+        {"meta": meta, "summary": summary, "ratios": ratio_book, "checks": bench.checks,
+         "runs": runs}, indent=1) + "\n")
     print(text)
     print(f"(saved to {results / 'latest.md'} and latest.json)", file=sys.stderr)
-    return 1 if any(failed(n, s) for n, s in summary.items()) else 0
+    return 1 if any(failed(n, s) for ss in summary.values() for n, s in ss.items()) else 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark: upstream floor, nginx, HAProxy and datafold-gateway on loopback.
+# Side-by-side benchmark: upstream floor, nginx, HAProxy and datafold-gateway on loopback,
+# against an h2-capable upstream and an HTTP/1.1-only one (same nginx, same answers).
 #
-#   benches/run.sh            # full run, about 5-8 minutes
-#   benches/run.sh --quick    # about 1 minute
-#   benches/run.sh --help     # every option (rounds, seconds per round, ...)
+#   benches/run.sh                  # full run, both upstream shapes, about 9-10 minutes
+#   benches/run.sh --quick          # both upstream shapes, about 2 minutes
+#   benches/run.sh --upstream h1    # one shape only: h2 or h1 (default both)
+#   benches/run.sh --help           # every option (rounds, seconds per round, ...)
 #
 # Installs nginx, haproxy and wrk when missing, builds the gateway in release mode in its own
 # target dir, makes a throwaway CA and server certificate, then hands over to bench.py, which
