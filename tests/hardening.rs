@@ -66,6 +66,14 @@ async fn gateway_to(url: &str, ca: ThrowawayCa, customize: impl FnOnce(&mut Conf
     Harness::start_with(dir, ca, unused, config).await
 }
 
+/// A limit of `burst` requests, refilled at one an hour: within a test, exactly `burst` pass.
+fn per_hour(burst: u32) -> datafold_gateway::config::RateLimit {
+    datafold_gateway::config::RateLimit {
+        rate: "1/h".parse().unwrap(),
+        burst: std::num::NonZeroU32::new(burst).unwrap(),
+    }
+}
+
 /// A gateway in `token` mode whose one caller, `analytics`, holds [`TOKEN`].
 async fn token_gateway(customize: impl FnOnce(&mut Config)) -> Harness {
     Harness::start(|c| {
@@ -280,10 +288,7 @@ async fn a_slow_body_holds_no_concurrency_slot_and_no_rate_limit_token() {
     let mut h = Harness::start(|c| {
         c.limits.max_concurrent_requests = 2;
         c.limits.body_read_timeout = Duration::from_secs(5);
-        c.rate_limit.global = Some(datafold_gateway::config::RateLimit {
-            rate: "1/h".parse().unwrap(),
-            burst: std::num::NonZeroU32::new(1).unwrap(),
-        });
+        c.rate_limit.global = Some(per_hour(1));
     })
     .await;
     // More slow bodies than there are slots, each one byte short of what it declared.
@@ -386,10 +391,7 @@ async fn connect_is_audited_with_its_target_and_long_paths_are_cut() {
 #[tokio::test]
 async fn strangers_are_limited_per_address_and_their_connections_closed() {
     let mut h = token_gateway(|c| {
-        c.rate_limit.unauthenticated = datafold_gateway::config::RateLimit {
-            rate: "1/h".parse().unwrap(),
-            burst: std::num::NonZeroU32::new(2).unwrap(),
-        };
+        c.rate_limit.unauthenticated = per_hour(2);
     })
     .await;
     let stranger = format!("POST {START} HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{{}}");
@@ -454,10 +456,7 @@ async fn stranger_from(h: &Harness, source: [u8; 4]) -> String {
 #[tokio::test]
 async fn each_address_has_its_own_stranger_limit() {
     let mut h = token_gateway(|c| {
-        c.rate_limit.unauthenticated = datafold_gateway::config::RateLimit {
-            rate: "1/h".parse().unwrap(),
-            burst: std::num::NonZeroU32::new(1).unwrap(),
-        };
+        c.rate_limit.unauthenticated = per_hour(1);
     })
     .await;
     assert!(stranger_from(&h, [127, 0, 0, 2])
@@ -499,10 +498,7 @@ async fn each_address_has_its_own_stranger_limit() {
 #[tokio::test]
 async fn a_stranger_refused_for_good_cannot_keep_its_connection_by_not_reading() {
     let mut h = token_gateway(|c| {
-        c.rate_limit.unauthenticated = datafold_gateway::config::RateLimit {
-            rate: "1/h".parse().unwrap(),
-            burst: std::num::NonZeroU32::new(1).unwrap(),
-        };
+        c.rate_limit.unauthenticated = per_hour(1);
         c.limits.idle_timeout = Duration::from_secs(1);
         c.limits.header_read_timeout = Duration::from_secs(1);
     })
