@@ -28,6 +28,28 @@ pub struct Config {
     pub audit: Audit,
     pub log: Log,
     pub limits: Limits,
+    pub runtime: Runtime,
+}
+
+/// How the gateway uses the machine's cores.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Runtime {
+    /// Worker threads, each with its own event loop, listener socket (`SO_REUSEPORT`) and
+    /// upstream connections. Unset: one per available core.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+}
+
+impl Runtime {
+    /// How many workers to run: `workers`, or one per core the process may use.
+    pub fn worker_count(&self) -> usize {
+        self.workers.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +113,22 @@ pub struct Upstream {
     /// Datafold headers passed back to callers besides the built-in allow-list.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub return_headers: Vec<HeaderName>,
+    /// HTTP/1.1 connections each worker keeps to the upstream at most; a request finding all
+    /// of them busy waits for one (within `upstream.timeout`).
+    pub max_connections_per_worker: usize,
+    /// Whether to speak HTTP/2 to the upstream: `auto` (if it offers it by ALPN), `never`, or
+    /// `always` (fail if it does not). Over HTTP/2 each worker keeps one connection.
+    pub http2: Http2Mode,
+}
+
+/// See [`Upstream::http2`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Http2Mode {
+    #[default]
+    Auto,
+    Never,
+    Always,
 }
 
 impl Default for Upstream {
@@ -102,6 +140,8 @@ impl Default for Upstream {
             timeout: Duration::from_secs(30),
             forward_headers: Vec::new(),
             return_headers: Vec::new(),
+            max_connections_per_worker: 64,
+            http2: Http2Mode::Auto,
         }
     }
 }
@@ -644,6 +684,8 @@ const MAX_BODY_BYTES: usize = 1 << 30;
 const MAX_CONCURRENT_REQUESTS: usize = 1_000_000;
 const MAX_TRACKED_KEYS: usize = 100_000_000;
 const MAX_TRACKED_JOBS: usize = 100_000_000;
+const MAX_CONNECTIONS_PER_WORKER: usize = 10_000;
+const MAX_WORKERS: usize = 1024;
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 /// A configuration problem, naming the file and, where there is one, the key at fault.
@@ -753,6 +795,16 @@ impl Config {
                 "callers.max_tracked_jobs",
                 self.callers.max_tracked_jobs,
                 MAX_TRACKED_JOBS,
+            ),
+            (
+                "upstream.max_connections_per_worker",
+                self.upstream.max_connections_per_worker,
+                MAX_CONNECTIONS_PER_WORKER,
+            ),
+            (
+                "runtime.workers",
+                self.runtime.workers.unwrap_or(1),
+                MAX_WORKERS,
             ),
         ] {
             if !(1..=max).contains(&value) {
