@@ -22,8 +22,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::{Service, ServiceExt};
@@ -36,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::middleware::audit::RequestTasks;
 use crate::middleware::caller::{CallerBook, Peer};
 use crate::middleware::jobs::JobBook;
+use crate::middleware::overload::ShedOverloadLayer;
 use crate::middleware::rate_limit::Limiters;
 use crate::reload::{self, Control};
 use crate::secret::ApiKey;
@@ -94,19 +95,21 @@ pub struct Gateway {
     /// One for the signals and the folder watches alike, so that reloads never overlap.
     control: Control,
     tls: Option<TlsAcceptor>,
-    listener: TcpListener,
+    /// One listening socket per worker, all on `listen.addr` (see [`bind_listeners`]).
+    listeners: Vec<std::net::TcpListener>,
     admin: TcpListener,
 }
 
 impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
         let prepared = prepare(&config)?;
-        let listener = TcpListener::bind(config.listen.addr).await.map_err(|e| {
-            GatewayError(format!(
-                "listen.addr: cannot listen on {}: {e}",
-                config.listen.addr
-            ))
-        })?;
+        let listeners =
+            bind_listeners(config.listen.addr, config.runtime.worker_count()).map_err(|e| {
+                GatewayError(format!(
+                    "listen.addr: cannot listen on {}: {e}",
+                    config.listen.addr
+                ))
+            })?;
         let admin = TcpListener::bind(config.admin.addr).await.map_err(|e| {
             GatewayError(format!(
                 "admin.addr: cannot listen on {}: {e}",
@@ -136,6 +139,7 @@ impl Gateway {
             jobs: Arc::new(JobBook::new(max_jobs)),
             client: prepared.client,
             refusals: Arc::default(),
+            overload: ShedOverloadLayer::new(config.limits.max_concurrent_requests),
         };
         let control = Control::new(&parts);
         Ok(Self {
@@ -143,13 +147,13 @@ impl Gateway {
             parts,
             control,
             tls: prepared.tls,
-            listener,
+            listeners,
             admin,
         })
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listener
+        self.listeners[0]
             .local_addr()
             .expect("a bound socket has an address")
     }
@@ -170,16 +174,20 @@ impl Gateway {
     }
 
     /// Serves until `shutdown` resolves, then drains and returns.
+    ///
+    /// The requests are served by the workers, each a thread with a single-threaded runtime of
+    /// its own (see [`Worker`]); this future, on the caller's runtime, keeps what is not on the
+    /// request path: the admin listener, the limiters' sweep, the refusal summaries, the key
+    /// file's watch, and the audit file's closing.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), GatewayError> {
         let Self {
             config,
             parts,
             control,
             tls,
-            listener,
+            listeners,
             admin,
         } = self;
-        let tasks = parts.tasks.clone();
         let audit = parts.audit.clone();
         let refusals = parts.refusals.clone();
         tokio::spawn(Limiters::sweep_every(Arc::downgrade(&parts.limiters)));
@@ -205,15 +213,12 @@ impl Gateway {
             acceptor,
             handshake_failures: parts.metrics.tls_handshake_failures.clone(),
         });
-        let stack = stack::build::<Incoming>(parts);
-
         let health = Arc::new(Health {
             metrics: registry,
             audit: (config.audit.on_failure == OnAuditFailure::Refuse).then(|| audit.clone()),
             ..Health::default()
         });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let listen_addr = listener
+        let listen_addr = listeners[0]
             .local_addr()
             .map_err(|e| GatewayError(e.to_string()))?;
         let admin_addr = admin
@@ -222,69 +227,70 @@ impl Gateway {
         // The admin listener keeps answering probes (readyz: 503) while requests drain.
         let admin_task = tokio::spawn(serve_admin(admin, health.clone()));
 
-        let builder = Arc::new(connection_builder(&config));
-        let mut connections = JoinSet::new();
-        health.ready.store(true, Ordering::Release);
-        tracing::info!(
-            addr = %listen_addr,
-            admin = %admin_addr,
-            upstream = ?config.upstream.url,
-            tls = tls.is_some(),
-            callers = ?config.callers.mode,
-            "listening"
-        );
-
-        tokio::pin!(shutdown);
-        loop {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let worker_count = listeners.len();
+        let mut workers = JoinSet::new();
+        let mut failure = None;
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let worker = Worker {
+                index,
+                listener,
+                parts: parts.clone(),
+                tls: tls.clone(),
+                stop: stop_rx.clone(),
+            };
+            match worker.start() {
+                Ok(ended) => {
+                    workers.spawn(ended);
+                }
+                Err(e) => {
+                    failure = Some(GatewayError(format!("cannot start worker {index}: {e}")));
+                    break;
+                }
+            }
+        }
+        drop(parts);
+        if failure.is_none() {
+            health.ready.store(true, Ordering::Release);
+            tracing::info!(
+                addr = %listen_addr,
+                admin = %admin_addr,
+                upstream = ?config.upstream.url,
+                tls = tls.is_some(),
+                callers = ?config.callers.mode,
+                workers = worker_count,
+                "listening"
+            );
+            tokio::pin!(shutdown);
             tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let deadlines = Deadlines {
-                            first_request: config.limits.header_read_timeout,
-                            idle: config.limits.idle_timeout,
-                        };
-                        let (builder, service, stop) = (builder.clone(), stack.clone(), stop_rx.clone());
-                        match &tls {
-                            None => connections.spawn(serve_connection(
-                                builder,
-                                stream,
-                                Peer::new(peer),
-                                service,
-                                deadlines,
-                                stop,
-                            )),
-                            Some(tls) => connections.spawn(serve_tls_connection(
-                                tls.clone(),
-                                builder,
-                                stream,
-                                peer,
-                                service,
-                                deadlines,
-                                stop,
-                            )),
-                        };
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-                () = &mut shutdown => break,
+                () = &mut shutdown => {}
+                // A worker serves until told to stop: one that ends on its own has failed, and
+                // a gateway short of a worker would leave its socket's callers unanswered.
+                Some(ended) = workers.join_next() => {
+                    let why = match ended {
+                        Ok(Ok(Ok(()))) => "it stopped".to_owned(),
+                        Ok(Ok(Err(e))) => e,
+                        _ => "it panicked".to_owned(),
+                    };
+                    tracing::error!(error = %why, "a worker ended unexpectedly; shutting down");
+                    failure = Some(GatewayError(format!("a worker ended unexpectedly: {why}")));
+                }
             }
         }
 
         tracing::info!(
-            in_flight_connections = connections.len(),
             grace = ?config.limits.shutdown_grace,
             "shutting down: no new connections, finishing requests in flight"
         );
         health.ready.store(false, Ordering::Release);
-        drop(listener);
         let _ = stop_tx.send(true);
-        drain(connections, &tasks, config.limits.shutdown_grace).await;
+        while let Some(ended) = workers.join_next().await {
+            match ended {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::error!(error = %e, "a worker failed"),
+                _ => tracing::error!("a worker panicked; its requests' records may be missing"),
+            }
+        }
         admin_task.abort();
         // The last refusals counted but not yet summarised: the periodic flush finishes what it
         // took (a summary it has taken must not meet a closed file), then the rest is written.
@@ -299,6 +305,150 @@ impl Gateway {
             tracing::error!(file = %config.audit.file.display(), "the audit file did not sync in time");
         }
         tracing::info!("stopped");
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens `count` listening sockets on `addr`. With more than one, each has `SO_REUSEPORT` and
+/// the kernel spreads new connections across them, so that each worker accepts its own without
+/// waking the others. The first socket's port is used for the rest (`addr` may ask for port 0).
+fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count.max(1) {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if count > 1 {
+            socket.set_reuseport(true)?;
+        }
+        socket.bind(addr)?;
+        let listener = socket.listen(LISTEN_BACKLOG)?;
+        addr = listener.local_addr()?;
+        // Handed to its worker's runtime when that starts (see `Worker::serve`).
+        listeners.push(listener.into_std()?);
+    }
+    Ok(listeners)
+}
+
+/// Connections the kernel queues for each listening socket before the gateway accepts them.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// One worker: a thread running a single-threaded runtime with its own listening socket, its
+/// own copy of the stack and its own connections. A request is handled from accept to answer on
+/// one thread, without waking another.
+struct Worker {
+    index: usize,
+    listener: std::net::TcpListener,
+    parts: StackParts,
+    tls: Option<TlsListener>,
+    stop: watch::Receiver<bool>,
+}
+
+type WorkerEnded = Result<(), String>;
+
+impl Worker {
+    /// Starts the worker's thread; the returned future resolves when the worker has drained.
+    fn start(
+        self,
+    ) -> std::io::Result<impl Future<Output = Result<WorkerEnded, oneshot::error::RecvError>>> {
+        let (ended_tx, ended) = oneshot::channel();
+        std::thread::Builder::new()
+            .name(format!("worker-{}", self.index))
+            .spawn(move || {
+                let outcome = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => {
+                        let outcome = runtime.block_on(self.serve());
+                        // Tasks left (idle upstream connections, the audit flush) end here.
+                        runtime.shutdown_timeout(Duration::from_millis(100));
+                        outcome
+                    }
+                    Err(e) => Err(format!("cannot start its runtime: {e}")),
+                };
+                let _ = ended_tx.send(outcome);
+            })?;
+        Ok(ended)
+    }
+
+    /// Accepts and serves connections until told to stop, then drains.
+    async fn serve(self) -> WorkerEnded {
+        let Self {
+            index: _,
+            listener,
+            parts,
+            tls,
+            mut stop,
+        } = self;
+        let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let config = parts.config.clone();
+        // The worker's own: shutdown waits for, and past its grace cancels, its requests only.
+        let tasks = RequestTasks::default();
+        let parts = StackParts {
+            tasks: tasks.clone(),
+            ..parts
+        };
+        let stack = stack::build::<Incoming>(parts);
+        let builder = Arc::new(connection_builder(&config));
+        let deadlines = Deadlines {
+            first_request: config.limits.header_read_timeout,
+            idle: config.limits.idle_timeout,
+        };
+        let mut connections = JoinSet::new();
+        if !*stop.borrow_and_update() {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            let (builder, service, stop) = (builder.clone(), stack.clone(), stop.clone());
+                            match &tls {
+                                None => connections.spawn(serve_connection(
+                                    builder,
+                                    stream,
+                                    Peer::new(peer),
+                                    service,
+                                    deadlines,
+                                    stop,
+                                )),
+                                Some(tls) => connections.spawn(serve_tls_connection(
+                                    tls.clone(),
+                                    builder,
+                                    stream,
+                                    peer,
+                                    service,
+                                    deadlines,
+                                    stop,
+                                )),
+                            };
+                        }
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    },
+                    Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        }
+        if !connections.is_empty() {
+            tracing::debug!(
+                in_flight_connections = connections.len(),
+                "worker draining its connections"
+            );
+        }
+        drop(listener);
+        drain(connections, &tasks, config.limits.shutdown_grace).await;
         Ok(())
     }
 }

@@ -41,6 +41,9 @@ pub struct StackParts {
     pub jobs: Arc<JobBook>,
     pub client: HttpsClient,
     pub refusals: Arc<RefusalSampler>,
+    /// Shared by every worker's stack: `limits.max_concurrent_requests` counts the gateway's
+    /// requests, not one worker's.
+    pub overload: ShedOverloadLayer,
 }
 
 /// Builds the service that answers every request on the main listener.
@@ -115,9 +118,7 @@ where
             config.limits.body_read_timeout,
         ))
         // Shedding comes before any real work is done for the request.
-        .layer(ShedOverloadLayer::new(
-            config.limits.max_concurrent_requests,
-        ))
+        .layer(parts.overload)
         // Another caller's job is refused before it costs a token; started jobs are noted on
         // the way out.
         .layer(JobOwnershipLayer::new(parts.jobs, parts.callers))

@@ -88,6 +88,12 @@ fn bad_config_files_name_the_key_and_never_panic() {
         ("[callers]\nmode = \"everyone\"\n", "callers.mode"),
         ("[listen]\naddr = \"localhost\"\n", "listen.addr"),
         ("[log]\nformat = \"xml\"\n", "log.format"),
+        ("[runtime]\nworkers = 0\n", "runtime.workers"),
+        (
+            "[upstream]\nmax_connections_per_worker = 0\n",
+            "upstream.max_connections_per_worker",
+        ),
+        ("[upstream]\nhttp2 = \"sometimes\"\n", "upstream.http2"),
         ("this is not toml", "gateway.toml"),
     ];
     for (text, key) in cases {
@@ -293,6 +299,40 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0]["status"], 200);
     assert_eq!(audit[0]["data_source_id"], 7);
+}
+
+#[tokio::test]
+async fn runtime_workers_sets_how_many_worker_threads_serve() {
+    let setup = setup("[runtime]\nworkers = 3\n").await;
+    let served = Served::start(&setup.config, &[]);
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", served.pid()))
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|comm| comm.trim_end().to_owned())
+        .filter(|comm| comm.starts_with("worker-"))
+        .collect();
+    names.sort();
+    assert_eq!(names, ["worker-0", "worker-1", "worker-2"]);
+    // Every connection is answered, whichever worker's socket the kernel gave it to.
+    let sends = (0..24).map(|id| {
+        let addr = served.addr.clone();
+        tokio::spawn(async move {
+            send(
+                &addr,
+                "POST",
+                &format!("/api/v1/data_sources/{id}/test"),
+                &[],
+            )
+            .await
+        })
+    });
+    for sent in sends.collect::<Vec<_>>() {
+        assert_eq!(sent.await.unwrap(), 200);
+    }
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert_eq!(read_audit(&setup.dir.path().join("audit.jsonl")).len(), 24);
 }
 
 #[tokio::test]
