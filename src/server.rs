@@ -18,6 +18,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use futures_util::future::Either;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -603,7 +604,7 @@ async fn serve_connection<I, S, B>(
     let addr = peer.addr;
     let asked_to_close = peer.clone();
     let service = PerConnection {
-        stack,
+        stack: std::cell::RefCell::new(stack),
         peer,
         activity: activity.clone(),
     };
@@ -726,9 +727,13 @@ impl Drop for InFlight {
 }
 
 /// The stack as one connection sees it: each request learns its peer and counts as activity.
-#[derive(Clone)]
+///
+/// The connection keeps one copy of the stack and calls it in place: requests on a connection
+/// are dispatched one at a time from its task (HTTP/2 streams included), and every layer is
+/// always ready, so cloning the whole stack per request (a reference count per layer) buys
+/// nothing. Should a layer ever not be ready, the request waits on a clone of its own.
 struct PerConnection<S> {
-    stack: S,
+    stack: std::cell::RefCell<S>,
     peer: Peer,
     activity: Arc<Activity>,
 }
@@ -755,13 +760,19 @@ where
 {
     type Response = http::Response<B>;
     type Error = Infallible;
-    type Future = Tracked<tower::util::Oneshot<S, http::Request<Incoming>>>;
+    type Future = Tracked<Either<S::Future, tower::util::Oneshot<S, http::Request<Incoming>>>>;
 
     fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
         request.extensions_mut().insert(self.peer.clone());
+        let mut stack = self.stack.borrow_mut();
+        let mut ready = Context::from_waker(futures_util::task::noop_waker_ref());
+        let inner = match stack.poll_ready(&mut ready) {
+            Poll::Ready(Ok(())) => Either::Left(stack.call(request)),
+            Poll::Pending => Either::Right(stack.clone().oneshot(request)),
+        };
         Tracked {
             _in_flight: InFlight::start(&self.activity),
-            inner: self.stack.clone().oneshot(request),
+            inner,
         }
     }
 }
