@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::CONTENT_LENGTH;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service};
 
 use super::route::Route;
@@ -88,10 +88,13 @@ where
                 .get(CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|len| len > max as u64) {
-                return Ok(error::payload_too_large(max));
+            if let Some(len) = declared.filter(|&len| len > max as u64) {
+                if len <= DISCARD_LIMIT as u64 {
+                    discard(std::pin::pin!(body), timeout).await;
+                }
+                return Ok(too_large(max, parts.version));
             }
-            let bytes = match read(body, max, timeout).await {
+            let bytes = match read(body, max, timeout, parts.version).await {
                 Ok(bytes) => bytes,
                 Err(refusal) => return Ok(refusal),
             };
@@ -111,18 +114,96 @@ where
     }
 }
 
+/// How much of a refused body is read and thrown away before the 413, at most. A connection
+/// closed with unread data in it is reset, and a client still sending its body may then lose
+/// the answer that says why (it sees a broken pipe, not the 413); reading the rest first lets
+/// it read the 413. Past this (or `limits.body_read_timeout`), the answer goes out regardless.
+const DISCARD_LIMIT: usize = 8 * 1024 * 1024;
+
+/// The 413, closing the connection: what is left of a body past the discard limit must not be
+/// read as the next request, and a client that sends too much once is better off starting anew.
+/// (HTTP/1 only: HTTP/2 has no such header, and a stream ends on its own.)
+fn too_large(max: usize, version: Version) -> Response<Body> {
+    let mut response = error::payload_too_large(max);
+    if version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Reads and drops what is left of `body`, up to [`DISCARD_LIMIT`] bytes within `timeout`.
+async fn discard<B>(mut body: Pin<&mut B>, timeout: Duration)
+where
+    B: http_body::Body<Data = Bytes>,
+{
+    let drain = async {
+        let mut read = 0;
+        while let Some(Ok(frame)) = body.as_mut().frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > DISCARD_LIMIT {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(timeout, drain).await;
+}
+
+/// How reading a body ended.
+enum Read {
+    Whole(Bytes),
+    TooLarge,
+    Failed,
+}
+
 /// The whole body, or the answer refusing it.
-async fn read<B>(body: B, max: usize, timeout: Duration) -> Result<Bytes, Response<Body>>
+async fn read<B>(
+    body: B,
+    max: usize,
+    timeout: Duration,
+    version: Version,
+) -> Result<Bytes, Response<Body>>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match tokio::time::timeout(timeout, Limited::new(body, max).collect()).await {
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(error::payload_too_large(max))
+    let started = tokio::time::Instant::now();
+    let mut body = std::pin::pin!(body);
+    let reading = async {
+        // A body in one frame (the usual `{}`) is passed on as it came, without a copy.
+        let mut first: Option<Bytes> = None;
+        let mut joined: Vec<u8> = Vec::new();
+        let mut len = 0;
+        while let Some(frame) = body.as_mut().frame().await {
+            let Ok(frame) = frame else {
+                return Read::Failed;
+            };
+            let Ok(data) = frame.into_data() else {
+                continue; // trailers: nothing the gateway forwards
+            };
+            len += data.len();
+            if len > max {
+                return Read::TooLarge;
+            }
+            if first.is_none() && joined.is_empty() {
+                first = Some(data);
+            } else {
+                if let Some(first) = first.take() {
+                    joined.extend_from_slice(&first);
+                }
+                joined.extend_from_slice(&data);
+            }
         }
-        Ok(Err(_)) => Err(error::bad_request("the request body could not be read")),
+        Read::Whole(first.unwrap_or_else(|| Bytes::from(joined)))
+    };
+    match tokio::time::timeout(timeout, reading).await {
+        Ok(Read::Whole(bytes)) => Ok(bytes),
+        Ok(Read::TooLarge) => {
+            discard(body, timeout.saturating_sub(started.elapsed())).await;
+            Err(too_large(max, version))
+        }
+        Ok(Read::Failed) => Err(error::bad_request("the request body could not be read")),
         Err(_) => Err(error::error_response(
             StatusCode::REQUEST_TIMEOUT,
             ErrorCode::RequestTimeout,
