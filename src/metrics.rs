@@ -5,13 +5,18 @@
 //! for `caller`, from names the config lists (token entries, `callers.allow`). Peer addresses,
 //! data source ids and unlisted certificate names never become labels: their number is unbounded.
 
-use std::sync::atomic::AtomicU64;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
@@ -60,25 +65,197 @@ const DURATION_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-fn duration_histogram() -> Histogram {
-    Histogram::new(DURATION_BUCKETS)
+/// Requests in flight, as the guard of [`Metrics::request_started`] counts them.
+pub struct InFlightGuard<'a>(&'a Shard);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
-type DurationFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+/// Every worker's shard of the per-request metrics.
+#[derive(Debug, Default)]
+struct Shards(Mutex<Vec<Arc<Shard>>>);
+
+impl Shards {
+    fn add(&self) -> Arc<Shard> {
+        let shard = Arc::new(Shard::default());
+        lock(&self.0).push(shard.clone());
+        shard
+    }
+
+    /// All shards' counts added up, and the requests in flight.
+    fn sum(&self) -> (Counts, i64) {
+        let mut total = Counts::default();
+        let mut in_flight = 0;
+        for shard in lock(&self.0).iter() {
+            in_flight += shard.in_flight.load(Ordering::Relaxed);
+            let counts = shard.lock();
+            for (labels, n) in &counts.requests {
+                *total.requests.entry(labels.clone()).or_default() += n;
+            }
+            for (mine, theirs) in [
+                (&mut total.request_duration, &counts.request_duration),
+                (&mut total.upstream_duration, &counts.upstream_duration),
+            ] {
+                for (route, buckets) in theirs {
+                    mine.entry(route).or_default().add(buckets);
+                }
+            }
+            for (caller, outcomes) in &counts.callers {
+                let mine = total.callers.entry(caller.clone()).or_default();
+                for (outcome, n) in outcomes {
+                    *mine.entry(outcome).or_default() += n;
+                }
+            }
+        }
+        (total, in_flight)
+    }
+}
+
+/// One worker's per-request metrics. Its lock is taken by its worker once or twice per request
+/// and by a scrape: never contended on the request path, and on the worker's own cache lines.
+#[derive(Debug, Default)]
+struct Shard {
+    in_flight: AtomicI64,
+    counts: Mutex<Counts>,
+}
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, Counts> {
+        lock(&self.counts)
+    }
+}
+
+/// Counting cannot leave the counts half-updated: a poisoned lock's counts are still good.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    requests: HashMap<RequestLabels, u64>,
+    request_duration: HashMap<&'static str, Buckets>,
+    upstream_duration: HashMap<&'static str, Buckets>,
+    /// By caller name, then outcome.
+    callers: HashMap<Arc<str>, HashMap<&'static str, u64>>,
+}
+
+/// A duration histogram over [`DURATION_BUCKETS`] (and +Inf), in seconds.
+#[derive(Debug, Default, Clone)]
+struct Buckets {
+    sum: f64,
+    count: u64,
+    /// Observations per bucket (not cumulative); the last is +Inf.
+    counts: [u64; DURATION_BUCKETS.len() + 1],
+}
+
+impl Buckets {
+    fn observe(&mut self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        self.sum += seconds;
+        self.count += 1;
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.counts[bucket] += 1;
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.sum += other.sum;
+        self.count += other.count;
+        for (mine, theirs) in self.counts.iter_mut().zip(other.counts) {
+            *mine += theirs;
+        }
+    }
+
+    fn encode(&self, encoder: &mut MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let bounds = DURATION_BUCKETS.iter().copied().chain([f64::MAX]);
+        let buckets: Vec<(f64, u64)> = bounds.zip(self.counts).collect();
+        encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &buckets, None)
+    }
+}
+
+/// Encodes the per-request metrics of every worker, summed, under the names and labels they
+/// would have as plain prometheus-client metrics.
+#[derive(Debug)]
+struct PerRequest(Arc<Shards>);
+
+impl Collector for PerRequest {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (counts, in_flight) = self.0.sum();
+        let mut requests = encoder.encode_descriptor(
+            "requests",
+            "Requests answered on the main listener",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, n) in &counts.requests {
+            requests
+                .encode_family(labels)?
+                .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+        }
+        for (name, help, histograms) in [
+            (
+                "request_duration_seconds",
+                "Time from a request's arrival to its answer",
+                &counts.request_duration,
+            ),
+            (
+                "upstream_duration_seconds",
+                "Time of the exchange with Datafold, for forwarded requests",
+                &counts.upstream_duration,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (route, buckets) in histograms {
+                buckets.encode(&mut family.encode_family(&RouteLabels { route })?)?;
+            }
+        }
+        encoder
+            .encode_descriptor(
+                "in_flight_requests",
+                "Requests being handled now",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&in_flight)?;
+        let mut callers = encoder.encode_descriptor(
+            "caller_requests",
+            "Requests by authenticated caller (names from the config only)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (caller, outcomes) in &counts.callers {
+            for (outcome, n) in outcomes {
+                let labels = CallerLabels {
+                    caller: caller.to_string(),
+                    outcome,
+                };
+                callers
+                    .encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+            }
+        }
+        Ok(())
+    }
+}
 
 /// Every metric the gateway keeps; cheap to clone (each metric is shared inside).
 #[derive(Clone, Debug)]
 pub struct Metrics {
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: DurationFamily,
-    pub upstream_duration: DurationFamily,
+    /// What every request counts, in this worker's shard (see [`PerRequest`]).
+    per_request: Arc<Shard>,
+    shards: Arc<Shards>,
     pub rate_limited: Family<LimitLabels, Counter>,
     pub upstream_errors: Family<KindLabels, Counter>,
     pub key_reloads: Family<ResultLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub audit_write_errors: Counter,
-    pub in_flight: Gauge<i64, std::sync::atomic::AtomicI64>,
-    pub caller_requests: Family<CallerLabels, Counter>,
     pub headers_dropped: Family<DirectionLabels, Counter>,
     pub audit_suppressed: Counter,
     pub tls_handshake_failures: Counter,
@@ -86,17 +263,15 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
+        let shards = Arc::new(Shards::default());
         Self {
-            requests: Family::default(),
-            request_duration: Family::new_with_constructor(duration_histogram),
-            upstream_duration: Family::new_with_constructor(duration_histogram),
+            per_request: shards.add(),
+            shards,
             rate_limited: Family::default(),
             upstream_errors: Family::default(),
             key_reloads: Family::default(),
             config_reloads: Family::default(),
             audit_write_errors: Counter::<u64, AtomicU64>::default(),
-            in_flight: Gauge::default(),
-            caller_requests: Family::default(),
             headers_dropped: Family::default(),
             audit_suppressed: Counter::default(),
             tls_handshake_failures: Counter::default(),
@@ -108,21 +283,6 @@ impl Metrics {
     /// The registry `/metrics` encodes, with every metric of `self` in it.
     pub fn registry(&self) -> Registry {
         let mut registry = Registry::with_prefix("datafold_gateway");
-        registry.register(
-            "requests",
-            "Requests answered on the main listener",
-            self.requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time from a request's arrival to its answer",
-            self.request_duration.clone(),
-        );
-        registry.register(
-            "upstream_duration_seconds",
-            "Time of the exchange with Datafold, for forwarded requests",
-            self.upstream_duration.clone(),
-        );
         registry.register(
             "rate_limited",
             "Requests refused by a rate limit",
@@ -149,16 +309,6 @@ impl Metrics {
             self.audit_write_errors.clone(),
         );
         registry.register(
-            "in_flight_requests",
-            "Requests being handled now",
-            self.in_flight.clone(),
-        );
-        registry.register(
-            "caller_requests",
-            "Requests by authenticated caller (names from the config only)",
-            self.caller_requests.clone(),
-        );
-        registry.register(
             "headers_dropped",
             "Header values not on an allow-list, dropped; direction is request (to Datafold) or response (to the caller)",
             self.headers_dropped.clone(),
@@ -173,12 +323,62 @@ impl Metrics {
             "TLS handshakes on the main listener that failed or did not finish in time",
             self.tls_handshake_failures.clone(),
         );
+        registry.register_collector(Box::new(PerRequest(self.shards.clone())));
         registry.register(
             "build",
             "The gateway's version",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
         registry
+    }
+
+    /// A copy of these metrics for one worker: what every request counts goes to a shard of
+    /// its own, which only that worker writes (and `/metrics` reads, summing all shards).
+    pub fn for_worker(&self) -> Self {
+        Self {
+            per_request: self.shards.add(),
+            ..self.clone()
+        }
+    }
+
+    /// Counts a request in `in_flight_requests` until the guard is dropped.
+    pub fn request_started(&self) -> InFlightGuard<'_> {
+        self.per_request.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(&self.per_request)
+    }
+
+    /// Counts an answered request: `requests`, `request_duration_seconds` and, for a caller
+    /// named in the config, `caller_requests`.
+    pub fn request_done(
+        &self,
+        labels: RequestLabels,
+        took: Duration,
+        listed_caller: Option<&Arc<str>>,
+    ) {
+        let mut counts = self.per_request.lock();
+        counts
+            .request_duration
+            .entry(labels.route)
+            .or_default()
+            .observe(took);
+        if let Some(caller) = listed_caller {
+            let outcomes = match counts.callers.get_mut(&**caller) {
+                Some(outcomes) => outcomes,
+                None => counts.callers.entry(caller.clone()).or_default(),
+            };
+            *outcomes.entry(labels.outcome).or_default() += 1;
+        }
+        *counts.requests.entry(labels).or_default() += 1;
+    }
+
+    /// Counts an exchange with Datafold in `upstream_duration_seconds`.
+    pub fn upstream_done(&self, route: &'static str, took: Duration) {
+        self.per_request
+            .lock()
+            .upstream_duration
+            .entry(route)
+            .or_default()
+            .observe(took);
     }
 
     pub fn rate_limited(&self, limit: Limit) {
@@ -221,14 +421,15 @@ mod tests {
     #[test]
     fn every_metric_is_named_with_the_gateway_prefix() {
         let metrics = Metrics::default();
-        metrics
-            .requests
-            .get_or_create(&RequestLabels {
+        metrics.request_done(
+            RequestLabels {
                 route: "test_connection",
                 status: 200,
                 outcome: "forwarded",
-            })
-            .inc();
+            },
+            Duration::from_millis(3),
+            None,
+        );
         metrics.rate_limited(Limit::DataSource);
         let text = encode(&metrics.registry());
         for line in [
@@ -237,6 +438,36 @@ mod tests {
             "datafold_gateway_audit_write_errors_total 0",
             "datafold_gateway_in_flight_requests 0",
             "datafold_gateway_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "{line} missing in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn workers_count_apart_and_the_scrape_adds_them_up() {
+        let metrics = Metrics::default();
+        let (one, two) = (metrics.for_worker(), metrics.for_worker());
+        let labels = RequestLabels {
+            route: "test_result",
+            status: 200,
+            outcome: "forwarded",
+        };
+        let caller: Arc<str> = Arc::from("team-a");
+        one.request_done(labels.clone(), Duration::from_millis(2), Some(&caller));
+        two.request_done(labels.clone(), Duration::from_millis(40), Some(&caller));
+        two.request_done(labels, Duration::from_secs(60), None);
+        two.upstream_done("test_result", Duration::from_millis(30));
+        let _busy = one.request_started();
+        let text = encode(&metrics.registry());
+        for line in [
+            "datafold_gateway_requests_total{route=\"test_result\",status=\"200\",outcome=\"forwarded\"} 3",
+            "datafold_gateway_request_duration_seconds_count{route=\"test_result\"} 3",
+            "datafold_gateway_request_duration_seconds_bucket{le=\"0.0025\",route=\"test_result\"} 1",
+            "datafold_gateway_request_duration_seconds_bucket{le=\"0.05\",route=\"test_result\"} 2",
+            "datafold_gateway_request_duration_seconds_bucket{le=\"+Inf\",route=\"test_result\"} 3",
+            "datafold_gateway_upstream_duration_seconds_count{route=\"test_result\"} 1",
+            "datafold_gateway_caller_requests_total{caller=\"team-a\",outcome=\"forwarded\"} 2",
+            "datafold_gateway_in_flight_requests 1",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }

@@ -225,9 +225,6 @@ impl Gateway {
         let admin_addr = admin
             .local_addr()
             .map_err(|e| GatewayError(e.to_string()))?;
-        // The admin listener keeps answering probes (readyz: 503) while requests drain.
-        let admin_task = tokio::spawn(serve_admin(admin, health.clone()));
-
         let (stop_tx, stop_rx) = watch::channel(false);
         let worker_count = listeners.len();
         let mut workers = JoinSet::new();
@@ -240,7 +237,7 @@ impl Gateway {
                 tls: tls.clone(),
                 stop: stop_rx.clone(),
             };
-            match worker.start() {
+            match worker.start().await {
                 Ok(ended) => {
                     workers.spawn(ended);
                 }
@@ -251,6 +248,9 @@ impl Gateway {
             }
         }
         drop(parts);
+        // Probes are answered once the workers serve (until then they wait in the backlog), and
+        // go on being answered (readyz: 503) while requests drain.
+        let admin_task = tokio::spawn(serve_admin(admin, health.clone()));
         if failure.is_none() {
             health.ready.store(true, Ordering::Release);
             tracing::info!(
@@ -355,11 +355,13 @@ struct Worker {
 type WorkerEnded = Result<(), String>;
 
 impl Worker {
-    /// Starts the worker's thread; the returned future resolves when the worker has drained.
-    fn start(
+    /// Starts the worker's thread and waits until it is serving; the returned future resolves
+    /// when the worker has drained.
+    async fn start(
         self,
-    ) -> std::io::Result<impl Future<Output = Result<WorkerEnded, oneshot::error::RecvError>>> {
+    ) -> Result<impl Future<Output = Result<WorkerEnded, oneshot::error::RecvError>>, String> {
         let (ended_tx, ended) = oneshot::channel();
+        let (ready_tx, ready) = oneshot::channel();
         std::thread::Builder::new()
             .name(format!("worker-{}", self.index))
             .spawn(move || {
@@ -368,7 +370,7 @@ impl Worker {
                     .build()
                 {
                     Ok(runtime) => {
-                        let outcome = runtime.block_on(self.serve());
+                        let outcome = runtime.block_on(self.serve(ready_tx));
                         // Tasks left (idle upstream connections, the audit flush) end here.
                         runtime.shutdown_timeout(Duration::from_millis(100));
                         outcome
@@ -376,12 +378,20 @@ impl Worker {
                     Err(e) => Err(format!("cannot start its runtime: {e}")),
                 };
                 let _ = ended_tx.send(outcome);
-            })?;
-        Ok(ended)
+            })
+            .map_err(|e| e.to_string())?;
+        if ready.await.is_ok() {
+            return Ok(ended);
+        }
+        // It ended before it could serve: say why.
+        Err(match ended.await {
+            Ok(Err(e)) => e,
+            _ => "it stopped before serving".to_owned(),
+        })
     }
 
     /// Accepts and serves connections until told to stop, then drains.
-    async fn serve(self) -> WorkerEnded {
+    async fn serve(self, ready: oneshot::Sender<()>) -> WorkerEnded {
         let Self {
             index: _,
             listener,
@@ -395,6 +405,7 @@ impl Worker {
         let tasks = RequestTasks::default();
         let parts = StackParts {
             tasks: tasks.clone(),
+            metrics: parts.metrics.for_worker(),
             ..parts
         };
         let stack = stack::build::<Incoming>(parts);
@@ -404,6 +415,7 @@ impl Worker {
             idle: config.limits.idle_timeout,
         };
         let mut connections = JoinSet::new();
+        let _ = ready.send(());
         if !*stop.borrow_and_update() {
             loop {
                 tokio::select! {

@@ -40,7 +40,7 @@ use tower::Service;
 use crate::audit::{AuditFacts, Outcome, TestSteps};
 use crate::config::{Config, Upstream as UpstreamConfig, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
-use crate::metrics::{DirectionLabels, KindLabels, Metrics, RouteLabels};
+use crate::metrics::{DirectionLabels, KindLabels, Metrics};
 use crate::middleware::request_id::X_REQUEST_ID;
 use crate::middleware::route::Route;
 use crate::Body;
@@ -255,12 +255,7 @@ impl Shared {
         };
         let started = Instant::now();
         let result = tokio::time::timeout(self.timeout, exchange).await;
-        self.metrics
-            .upstream_duration
-            .get_or_create(&RouteLabels {
-                route: route.name(),
-            })
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.upstream_done(route.name(), started.elapsed());
         let (parts, body) = match result {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => {

@@ -31,7 +31,7 @@ use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
 use crate::audit::{bounded_path, AuditFacts, AuditLog, Outcome, Record};
 use crate::audit_sampling::{RefusalKind, RefusalSampler};
-use crate::metrics::{self, CallerLabels, Metrics, RequestLabels, RouteLabels};
+use crate::metrics::{self, Metrics, RequestLabels};
 use crate::{error, Body};
 
 /// The requests being handled, for shutdown to wait for or, past its grace, cancel.
@@ -155,7 +155,7 @@ where
         // Counted by the tracker from the start (without a task of its own), so that shutdown
         // waits for every request: inline, moved to a task, or in an HTTP/2 stream's task.
         let work = Box::pin(self.shared.tasks.tracker.track_future(async move {
-            let _in_flight = InFlight::start(&shared.metrics);
+            let _in_flight = shared.metrics.request_started();
             // A panic is a bug, but the request it cut short is still audited and answered.
             let work = std::panic::AssertUnwindSafe(work).catch_unwind();
             let response = tokio::select! {
@@ -211,22 +211,6 @@ impl Drop for Audited {
     }
 }
 
-/// Counts a request in `datafold_gateway_in_flight_requests` until dropped.
-struct InFlight<'a>(&'a Metrics);
-
-impl<'a> InFlight<'a> {
-    fn start(metrics: &'a Metrics) -> Self {
-        metrics.in_flight.inc();
-        Self(metrics)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.dec();
-    }
-}
-
 /// Appends the request's record (or, for a stranger, counts it towards a summary) and counts
 /// it in the metrics; returns the response, its facts removed.
 async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared) -> Response<Body> {
@@ -258,7 +242,7 @@ async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared)
     count(
         &shared.metrics,
         &record,
-        facts.caller_listed,
+        facts.caller.as_ref().filter(|_| facts.caller_listed),
         seen.started.elapsed(),
     );
     if facts.stranger {
@@ -276,32 +260,16 @@ async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared)
     response
 }
 
-fn count(metrics: &Metrics, record: &Record<'_>, caller_listed: bool, took: Duration) {
+fn count(metrics: &Metrics, record: &Record<'_>, listed_caller: Option<&Arc<str>>, took: Duration) {
     let route = record.route.unwrap_or("none");
-    let outcome = metrics::outcome_label(record.outcome);
-    metrics
-        .requests
-        .get_or_create(&RequestLabels {
-            route,
-            status: record.status,
-            outcome,
-        })
-        .inc();
-    metrics
-        .request_duration
-        .get_or_create(&RouteLabels { route })
-        .observe(took.as_secs_f64());
+    let labels = RequestLabels {
+        route,
+        status: record.status,
+        outcome: metrics::outcome_label(record.outcome),
+    };
+    metrics.request_done(labels, took, listed_caller);
     if let Some(limit) = record.limit {
         metrics.rate_limited(limit);
-    }
-    if let (true, Some(caller)) = (caller_listed, record.caller) {
-        metrics
-            .caller_requests
-            .get_or_create(&CallerLabels {
-                caller: caller.to_owned(),
-                outcome,
-            })
-            .inc();
     }
 }
 
