@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
@@ -23,7 +23,7 @@ use crate::middleware::jobs::{JobBook, JobOwnershipLayer};
 use crate::middleware::overload::ShedOverloadLayer;
 use crate::middleware::rate_limit::{RateLimitLayer, SharedLimiters};
 use crate::middleware::read_body::ReadBodyLayer;
-use crate::middleware::request_id::{drop_unusable_request_id, X_REQUEST_ID};
+use crate::middleware::request_id::{drop_unusable_request_id, MakeUuid, X_REQUEST_ID};
 use crate::middleware::route::AllowRoutesLayer;
 use crate::secret::SharedKey;
 use crate::upstream::{strip_hop_by_hop, Forward, HttpsClient};
@@ -76,7 +76,7 @@ where
         // A caller's request id is kept only if it is safe to write into logs and the audit...
         .map_request(drop_unusable_request_id)
         // ...otherwise one is made, then sent upstream, audited, and returned to the caller.
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(MakeUuid))
         .layer(PropagateRequestIdLayer::x_request_id())
         // A span per request, inside the request id so that the span can carry it. The path
         // only: a query string could carry anything, and is not forwarded anyway.

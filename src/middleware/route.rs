@@ -126,10 +126,14 @@ fn is_plain_segment(segment: &str) -> bool {
     if segment.is_empty() || segment == "." || segment == ".." {
         return false;
     }
-    let lower = segment.to_ascii_lowercase();
-    !["%2f", "%5c", "%2e", "%00"]
-        .iter()
-        .any(|encoded| lower.contains(encoded))
+    // Without a copy: a segment holds a `%` only when something is encoded in it.
+    !segment.as_bytes().windows(3).any(|w| {
+        w[0] == b'%'
+            && matches!(
+                [w[1], w[2].to_ascii_lowercase()],
+                [b'2', b'f' | b'e'] | [b'5', b'c'] | [b'0', b'0']
+            )
+    })
 }
 
 impl Fact for Route {
