@@ -307,9 +307,6 @@ impl UpstreamFailure {
                 return Self::Tls;
             }
             connect |= e.is::<crate::pool::ConnectError>();
-            if let Some(client) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-                connect |= client.is_connect();
-            }
             if let Some(io) = e.downcast_ref::<io::Error>() {
                 if io.kind() == io::ErrorKind::TimedOut && !connect {
                     return Self::Timeout;
