@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Uri;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -156,13 +156,14 @@ pub struct UpstreamUrl {
 }
 
 impl UpstreamUrl {
-    /// The full upstream URI for a gateway path such as `/api/v1/data_sources/1/test`.
-    pub fn join(&self, path: &str) -> Result<Uri, http::Error> {
-        Uri::builder()
-            .scheme(Scheme::HTTPS)
-            .authority(self.authority.clone())
-            .path_and_query(format!("{}{}", self.prefix, path))
-            .build()
+    /// The upstream request target, in origin form, for a gateway path such as
+    /// `/api/v1/data_sources/1/test`: the prefix, then the path. The connection pool adds the
+    /// upstream's name in the form each HTTP version wants.
+    pub fn target(&self, mut path: String) -> Result<Uri, http::uri::InvalidUri> {
+        if !self.prefix.is_empty() {
+            path.insert_str(0, &self.prefix);
+        }
+        PathAndQuery::try_from(path).map(Uri::from)
     }
 }
 
@@ -1082,8 +1083,8 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(
-            url.join("/api/v1/data_sources/1/test").unwrap().to_string(),
-            "https://datafold.example.com:8443/datafold/api/v1/data_sources/1/test"
+            url.target("/api/v1/data_sources/1/test".into()).unwrap(),
+            "/datafold/api/v1/data_sources/1/test"
         );
         assert_eq!(url.authority.host(), "datafold.example.com");
     }

@@ -294,7 +294,8 @@ impl UpstreamFailure {
         }
     }
 
-    /// Walks the error's causes to find what went wrong.
+    /// Walks the error's causes to find what went wrong. Anything that kept a connection from
+    /// opening is `Connect`, a timeout included, unless TLS is what failed.
     pub fn classify(error: &(dyn StdError + 'static)) -> Self {
         let mut connect = false;
         let mut cause: Option<&(dyn StdError + 'static)> = Some(error);
@@ -305,11 +306,9 @@ impl UpstreamFailure {
             if e.is::<rustls::Error>() {
                 return Self::Tls;
             }
-            if let Some(client) = e.downcast_ref::<hyper_util::client::legacy::Error>() {
-                connect |= client.is_connect();
-            }
+            connect |= e.is::<crate::pool::ConnectError>();
             if let Some(io) = e.downcast_ref::<io::Error>() {
-                if io.kind() == io::ErrorKind::TimedOut {
+                if io.kind() == io::ErrorKind::TimedOut && !connect {
                     return Self::Timeout;
                 }
             }

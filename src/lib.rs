@@ -14,6 +14,7 @@ pub mod error;
 pub mod files;
 pub mod metrics;
 pub mod middleware;
+pub mod pool;
 pub mod reload;
 pub mod secret;
 pub mod server;

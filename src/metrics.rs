@@ -259,6 +259,7 @@ pub struct Metrics {
     pub headers_dropped: Family<DirectionLabels, Counter>,
     pub audit_suppressed: Counter,
     pub tls_handshake_failures: Counter,
+    pub upstream_retries: Counter,
 }
 
 impl Default for Metrics {
@@ -275,6 +276,7 @@ impl Default for Metrics {
             headers_dropped: Family::default(),
             audit_suppressed: Counter::default(),
             tls_handshake_failures: Counter::default(),
+            upstream_retries: Counter::default(),
         }
     }
 }
@@ -324,6 +326,11 @@ impl Metrics {
             self.tls_handshake_failures.clone(),
         );
         registry.register_collector(Box::new(PerRequest(self.shards.clone())));
+        registry.register(
+            "upstream_retries",
+            "Requests sent again because the upstream provably never saw them",
+            self.upstream_retries.clone(),
+        );
         registry.register(
             "build",
             "The gateway's version",
@@ -437,6 +444,7 @@ mod tests {
             "datafold_gateway_rate_limited_total{limit=\"data_source\"} 1",
             "datafold_gateway_audit_write_errors_total 0",
             "datafold_gateway_in_flight_requests 0",
+            "datafold_gateway_upstream_retries_total 0",
             "datafold_gateway_build_info{version=\"",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");

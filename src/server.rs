@@ -39,11 +39,11 @@ use crate::middleware::caller::{CallerBook, Peer};
 use crate::middleware::jobs::JobBook;
 use crate::middleware::overload::ShedOverloadLayer;
 use crate::middleware::rate_limit::Limiters;
+use crate::pool::Connector;
 use crate::reload::{self, Control};
 use crate::secret::ApiKey;
 use crate::stack::{self, StackParts};
 use crate::tls;
-use crate::upstream::{self, HttpsClient};
 
 /// Largest request head (request line and headers) accepted, in bytes.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -65,7 +65,8 @@ impl std::error::Error for GatewayError {}
 /// What `serve` needs besides sockets, each checked: `check-config` stops after this.
 pub struct Prepared {
     pub key: ApiKey,
-    pub client: HttpsClient,
+    /// What each worker's upstream pool is made from.
+    pub upstream: Connector,
     /// TLS on the main listener, if `listen.tls_cert` is set.
     pub tls: Option<TlsAcceptor>,
 }
@@ -73,7 +74,7 @@ pub struct Prepared {
 /// Loads the key and the upstream trust roots, and checks that the audit file's folder exists.
 pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
     let key = ApiKey::load(&config.api_key).map_err(|e| GatewayError(e.to_string()))?;
-    let client = upstream::client(&config.upstream).map_err(GatewayError)?;
+    let upstream = Connector::new(&config.upstream).map_err(GatewayError)?;
     let tls = tls::acceptor(&config.listen).map_err(GatewayError)?;
     let audit_dir = match config.audit.file.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -86,7 +87,7 @@ pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
             config.audit.file.display()
         )));
     }
-    Ok(Prepared { key, client, tls })
+    Ok(Prepared { key, upstream, tls })
 }
 
 /// A gateway with its sockets bound, ready to [`run`](Gateway::run).
@@ -129,6 +130,7 @@ impl Gateway {
         let max_jobs = NonZeroUsize::new(config.callers.max_tracked_jobs)
             .ok_or_else(|| GatewayError("callers.max_tracked_jobs must be at least 1".into()))?;
         let config = Arc::new(config);
+        let pool = prepared.upstream.pool(metrics.upstream_retries.clone());
         let parts = StackParts {
             config: config.clone(),
             key: Arc::new(ArcSwap::from_pointee(prepared.key)),
@@ -138,7 +140,7 @@ impl Gateway {
             limiters: Arc::new(ArcSwap::from_pointee(reload::limiters_for(&config, None))),
             callers: Arc::new(ArcSwap::from_pointee(CallerBook::new(&config.callers))),
             jobs: Arc::new(JobBook::new(max_jobs)),
-            client: prepared.client,
+            pool,
             refusals: Arc::default(),
             overload: ShedOverloadLayer::new(config.limits.max_concurrent_requests),
         };

@@ -25,8 +25,9 @@ use crate::middleware::rate_limit::{RateLimitLayer, SharedLimiters};
 use crate::middleware::read_body::ReadBodyLayer;
 use crate::middleware::request_id::{drop_unusable_request_id, MakeUuid, X_REQUEST_ID};
 use crate::middleware::route::AllowRoutesLayer;
+use crate::pool::Pool;
 use crate::secret::SharedKey;
-use crate::upstream::{strip_hop_by_hop, Forward, HttpsClient};
+use crate::upstream::{strip_hop_by_hop, Forward};
 
 /// Everything the stack is built from; made once at start.
 #[derive(Clone)]
@@ -39,7 +40,7 @@ pub struct StackParts {
     pub limiters: SharedLimiters,
     pub callers: SharedCallers,
     pub jobs: Arc<JobBook>,
-    pub client: HttpsClient,
+    pub pool: Pool,
     pub refusals: Arc<RefusalSampler>,
     /// Shared by every worker's stack: `limits.max_concurrent_requests` counts the gateway's
     /// requests, not one worker's.
@@ -127,5 +128,5 @@ where
         // The key goes on last, after the caller's credentials are stripped.
         .layer(InjectApiKeyLayer::new(parts.key))
         // Only allow-listed headers cross, either way; the answer is read within its budget.
-        .service(Forward::new(parts.client, parts.metrics, config))
+        .service(Forward::new(parts.pool, parts.metrics, config))
 }

@@ -1,9 +1,8 @@
-//! The way to Datafold: a pooled HTTPS client and the service at the bottom of the stack that
-//! forwards an allowed request and brings the answer back.
+//! The way to Datafold: the service at the bottom of the stack that forwards an allowed request
+//! through the worker's connection pool (`pool.rs`) and brings the answer back.
 //!
-//! The client always verifies the upstream's certificate, against the public web roots plus
-//! `upstream.ca_file`; there is no switch to turn verification off. Connections are pooled and
-//! reused, over HTTP/2 where the upstream offers it by ALPN.
+//! The upstream's certificate is always verified, against the public web roots plus
+//! `upstream.ca_file` ([`root_store`]); there is no switch to turn verification off.
 //!
 //! The caller's request body arrives here read in full (by `middleware/read_body.rs`) and is sent
 //! with a `Content-Length` of the gateway's own counting, so however the caller framed its body,
@@ -23,14 +22,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH};
-use http::{HeaderValue, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -38,14 +32,13 @@ use serde::Deserialize;
 use tower::Service;
 
 use crate::audit::{AuditFacts, Outcome, TestSteps};
-use crate::config::{Config, Upstream as UpstreamConfig, UpstreamUrl};
+use crate::config::{Config, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
 use crate::metrics::{DirectionLabels, KindLabels, Metrics};
 use crate::middleware::request_id::X_REQUEST_ID;
 use crate::middleware::route::Route;
+use crate::pool::Pool;
 use crate::Body;
-
-pub type HttpsClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Builds the TLS trust roots: the public web roots plus the PEM certificates in `ca_file`.
 pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
@@ -77,32 +70,6 @@ pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
-/// The pooled HTTPS client to the upstream.
-pub fn client(config: &UpstreamConfig) -> Result<HttpsClient, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_root_certificates(root_store(config.ca_file.as_deref())?)
-        .with_no_client_auth();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_connect_timeout(Some(config.connect_timeout));
-    http.set_nodelay(true);
-    http.set_keepalive(Some(Duration::from_secs(60)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_only()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(https))
-}
-
 /// Forwards an allowed request (one with a [`Route`], its body read) to the upstream.
 #[derive(Clone)]
 pub struct Forward {
@@ -110,7 +77,7 @@ pub struct Forward {
 }
 
 struct Shared {
-    client: HttpsClient,
+    pool: Pool,
     metrics: Metrics,
     url: UpstreamUrl,
     timeout: Duration,
@@ -120,10 +87,10 @@ struct Shared {
 }
 
 impl Forward {
-    pub fn new(client: HttpsClient, metrics: Metrics, config: &Config) -> Self {
+    pub fn new(pool: Pool, metrics: Metrics, config: &Config) -> Self {
         Self {
             shared: Arc::new(Shared {
-                client,
+                pool,
                 metrics,
                 url: config.upstream.url.clone(),
                 timeout: config.upstream.timeout,
@@ -210,7 +177,7 @@ impl Shared {
             tracing::error!("a request reached the upstream without a route");
             return error::internal_error();
         };
-        let uri = match self.url.join(&route.upstream_path()) {
+        let uri = match self.url.target(route.upstream_path()) {
             Ok(uri) => uri,
             Err(e) => {
                 tracing::error!(error = %e, "cannot build the upstream URI");
@@ -227,12 +194,11 @@ impl Shared {
         let mut upstream_request = Request::new(body);
         *upstream_request.method_mut() = parts.method;
         *upstream_request.uri_mut() = uri;
-        *upstream_request.version_mut() = Version::HTTP_11;
         *upstream_request.headers_mut() = headers;
 
         let max = self.max_response_bytes;
         let exchange = async {
-            let response = self.client.request(upstream_request).await?;
+            let response = self.pool.send(upstream_request).await?;
             let (parts, body) = response.into_parts();
             if parts.status.is_informational() {
                 return Err(UpstreamFailure::InvalidResponse.into());
