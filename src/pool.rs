@@ -672,15 +672,18 @@ async fn open_shared(pool: Arc<Shared>) {
 }
 
 /// Whether HTTP/2 says the upstream never processed the request: its stream was refused, or
-/// a `GOAWAY` excluded it. The h2 crate hands a GOAWAY received to exactly the streams above
-/// its last stream id, and to requests not yet given a stream; the streams the upstream may
-/// have started on end with other errors.
+/// a graceful `GOAWAY` excluded it. The h2 crate hands such a GOAWAY to exactly the streams
+/// above its last stream id, and to requests not yet given a stream; the streams the upstream
+/// may have started on end with other errors.
 fn never_processed(error: &hyper::Error) -> bool {
     let mut cause = error.source();
     while let Some(e) = cause {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
             let refused = h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-            return h2.is_remote() && (h2.is_go_away() || refused);
+            // Only a graceful GOAWAY: after one with an error code, h2 ends the streams the
+            // upstream had started with that same error, and those may have been processed.
+            let left = h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR);
+            return h2.is_remote() && (left || refused);
         }
         cause = e.source();
     }

@@ -97,6 +97,8 @@ pub struct Gateway {
     /// One for the signals and the folder watches alike, so that reloads never overlap.
     control: Control,
     tls: Option<TlsAcceptor>,
+    /// What each worker makes its own upstream pool from.
+    upstream: Connector,
     /// One listening socket per worker, all on `listen.addr` (see [`bind_listeners`]).
     listeners: Vec<std::net::TcpListener>,
     admin: TcpListener,
@@ -130,6 +132,7 @@ impl Gateway {
         let max_jobs = NonZeroUsize::new(config.callers.max_tracked_jobs)
             .ok_or_else(|| GatewayError("callers.max_tracked_jobs must be at least 1".into()))?;
         let config = Arc::new(config);
+        // Each worker makes its own (see `Worker::serve`); this one only until then.
         let pool = prepared.upstream.pool(metrics.upstream_retries.clone());
         let parts = StackParts {
             config: config.clone(),
@@ -150,6 +153,7 @@ impl Gateway {
             parts,
             control,
             tls: prepared.tls,
+            upstream: prepared.upstream,
             listeners,
             admin,
         })
@@ -188,6 +192,7 @@ impl Gateway {
             parts,
             control,
             tls,
+            upstream,
             listeners,
             admin,
         } = self;
@@ -236,6 +241,7 @@ impl Gateway {
                 index,
                 listener,
                 parts: parts.clone(),
+                upstream: upstream.clone(),
                 tls: tls.clone(),
                 stop: stop_rx.clone(),
             };
@@ -350,6 +356,7 @@ struct Worker {
     index: usize,
     listener: std::net::TcpListener,
     parts: StackParts,
+    upstream: Connector,
     tls: Option<TlsListener>,
     stop: watch::Receiver<bool>,
 }
@@ -398,6 +405,7 @@ impl Worker {
             index: _,
             listener,
             parts,
+            upstream,
             tls,
             mut stop,
         } = self;
@@ -405,9 +413,12 @@ impl Worker {
         let config = parts.config.clone();
         // The worker's own: shutdown waits for, and past its grace cancels, its requests only.
         let tasks = RequestTasks::default();
+        let metrics = parts.metrics.for_worker();
         let parts = StackParts {
             tasks: tasks.clone(),
-            metrics: parts.metrics.for_worker(),
+            // Its connections are opened, and driven, on this worker's runtime.
+            pool: upstream.pool(metrics.upstream_retries.clone()),
+            metrics,
             ..parts
         };
         let stack = stack::build::<Incoming>(parts);
