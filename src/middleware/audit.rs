@@ -29,7 +29,7 @@ use tower::{Layer, Service};
 
 use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
-use crate::audit::{bounded_path, AuditFacts, AuditLog, Outcome, Record};
+use crate::audit::{bounded_path, AuditBatcher, AuditFacts, Outcome, Record};
 use crate::audit_sampling::{RefusalKind, RefusalSampler};
 use crate::metrics::{self, CallerLabels, Metrics, RequestLabels, RouteLabels};
 use crate::{error, Body};
@@ -50,7 +50,8 @@ pub struct AuditLayer {
 /// costs one reference count here, not one per handle.
 #[derive(Debug)]
 struct Shared {
-    log: AuditLog,
+    /// This worker's way into the audit file.
+    log: AuditBatcher,
     tasks: RequestTasks,
     metrics: Metrics,
     /// Which refusals of strangers get a record of their own.
@@ -59,7 +60,7 @@ struct Shared {
 
 impl AuditLayer {
     pub fn new(
-        log: AuditLog,
+        log: AuditBatcher,
         tasks: RequestTasks,
         metrics: Metrics,
         refusals: Arc<RefusalSampler>,
@@ -308,7 +309,7 @@ fn count(metrics: &Metrics, record: &Record<'_>, caller_listed: bool, took: Dura
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::Limit;
+    use crate::audit::{AuditLog, Limit};
     use http::StatusCode;
     use tower::ServiceExt;
 
@@ -331,7 +332,7 @@ mod tests {
             Ok::<_, Infallible>(response)
         });
         let service = AuditLayer::new(
-            log.clone(),
+            log.batcher(),
             RequestTasks::default(),
             Metrics::default(),
             Arc::default(),
@@ -380,7 +381,7 @@ mod tests {
             Ok::<_, Infallible>(Response::new(Body::default()))
         });
         let service = AuditLayer::new(
-            log.clone(),
+            log.batcher(),
             RequestTasks::default(),
             Metrics::default(),
             Arc::default(),
