@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
+use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
 
@@ -100,7 +101,10 @@ impl AuditFacts {
 /// `audit_sampling.rs`).
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
-    pub ts: String,
+    /// When the request arrived; written as RFC 3339 UTC with microseconds, formatted straight
+    /// into the line.
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub ts: SystemTime,
     pub request_id: Option<&'a str>,
     pub caller: Option<&'a str>,
     pub peer: Option<&'a str>,
@@ -132,7 +136,7 @@ impl Record<'_> {
     /// A record with nothing known, to fill in with struct update syntax.
     pub fn empty() -> Self {
         Self {
-            ts: String::new(),
+            ts: SystemTime::UNIX_EPOCH,
             request_id: None,
             caller: None,
             peer: None,
@@ -152,6 +156,10 @@ impl Record<'_> {
             suppressed: None,
         }
     }
+}
+
+fn rfc3339_micros<S: serde::Serializer>(ts: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*ts))
 }
 
 /// `path` cut to at most [`MAX_AUDITED_PATH`] bytes (on a character boundary), and whether it
@@ -805,7 +813,7 @@ mod tests {
 
     fn record(status: u16) -> Record<'static> {
         Record {
-            ts: "2026-12-01T00:00:00Z".into(),
+            ts: humantime::parse_rfc3339("2026-12-01T00:00:00Z").unwrap(),
             request_id: Some("r1"),
             caller: Some("127.0.0.1"),
             peer: Some("127.0.0.1:5000"),
@@ -829,6 +837,7 @@ mod tests {
         assert!(log.append(&record(200)).await);
         let text = std::fs::read_to_string(&path).unwrap();
         let value: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(value["ts"], "2026-12-01T00:00:00.000000Z");
         assert_eq!(value["status"], 200);
         assert_eq!(value["limit"], serde_json::Value::Null);
         log.close().await;
