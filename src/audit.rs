@@ -2,22 +2,28 @@
 //!
 //! Behind one Datafold key, this file is the only record of which caller tested which data
 //! source. A record is in the file (handed to the operating system) before its response is
-//! released, so a SIGTERM, or even a crash of the gateway, loses nothing that a caller saw. The
-//! writing happens on a thread of its own that batches whatever records are waiting into one
-//! `write`, so request tasks never block on disk I/O; they only wait for the batch holding their
-//! record to be written.
+//! released, so a SIGTERM, or even a crash of the gateway, loses nothing that a caller saw.
+//!
+//! Each worker writes its own requests' records, in batches: group commit through an
+//! [`AuditBatcher`], one `write` for all the records its event loop made in one turn, on the
+//! worker's own thread. Requests wait for the batch holding their record, never for a thread
+//! hop. Control work that may stall on a disk (reopen, probe, the final sync) runs on a
+//! blocking thread instead.
 
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
+use std::time::SystemTime;
 
 use prometheus_client::metrics::counter::Counter;
 
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Notify;
 
 /// What the gateway did with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -95,7 +101,10 @@ impl AuditFacts {
 /// `audit_sampling.rs`).
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
-    pub ts: String,
+    /// When the request arrived; written as RFC 3339 UTC with microseconds, formatted straight
+    /// into the line.
+    #[serde(serialize_with = "rfc3339_micros")]
+    pub ts: SystemTime,
     pub request_id: Option<&'a str>,
     pub caller: Option<&'a str>,
     pub peer: Option<&'a str>,
@@ -127,7 +136,7 @@ impl Record<'_> {
     /// A record with nothing known, to fill in with struct update syntax.
     pub fn empty() -> Self {
         Self {
-            ts: String::new(),
+            ts: SystemTime::UNIX_EPOCH,
             request_id: None,
             caller: None,
             peer: None,
@@ -149,6 +158,10 @@ impl Record<'_> {
     }
 }
 
+fn rfc3339_micros<S: serde::Serializer>(ts: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_micros(*ts))
+}
+
 /// `path` cut to at most [`MAX_AUDITED_PATH`] bytes (on a character boundary), and whether it
 /// was cut.
 pub fn bounded_path(path: &str) -> (&str, bool) {
@@ -162,23 +175,36 @@ pub fn bounded_path(path: &str) -> (&str, bool) {
     (&path[..end], true)
 }
 
-enum Message {
-    Record {
-        line: Vec<u8>,
-        written: oneshot::Sender<bool>,
-    },
-    /// Open the file at the configured path again (after logrotate moved it away).
-    Reopen(oneshot::Sender<Result<(), String>>),
-    /// Find out, without writing a record, whether the file takes writes again.
-    Probe(oneshot::Sender<bool>),
-    Close(oneshot::Sender<()>),
+/// Handle to the audit file; cheap to clone.
+///
+/// Request paths append through an [`AuditBatcher`] (one per worker, see
+/// [`AuditLog::batcher`]); [`AuditLog::append`] is for the occasional record written from
+/// elsewhere.
+#[derive(Clone)]
+pub struct AuditLog {
+    shared: Arc<Shared>,
 }
 
-/// Handle to the audit writer; cheap to clone.
-#[derive(Clone, Debug)]
-pub struct AuditLog {
-    tx: mpsc::UnboundedSender<Message>,
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What every handle and every worker's flush task share.
+struct Shared {
+    /// Taken once per write (a worker's whole batch, or one record of [`AuditLog::append`]),
+    /// never per record of a batch. Workers rarely meet here: each holds it only for its
+    /// `write`, and only when it has records waiting.
+    writer: Mutex<Writer>,
     healthy: Arc<AtomicBool>,
+    /// Set by [`AuditLog::close`]; lets appends after it fail without queueing.
+    closed: AtomicBool,
+    /// Every batcher's queue, for `reopen` and `close` to write out what is waiting first.
+    queues: Mutex<Vec<Weak<Queue>>>,
+    path: PathBuf,
 }
 
 /// How the writer writes, besides the file.
@@ -190,20 +216,20 @@ pub struct WriterOptions {
     pub errors: Counter,
 }
 
-/// A batch is written once it holds this much, even if more records are waiting.
+/// A batch is written once it holds this much; records after it wait for the next `write`.
 const MAX_BATCH_BYTES: usize = 256 * 1024;
 
 /// Room the readiness probe asks for: a few records.
 const PROBE_BYTES: usize = 4096;
 
 impl AuditLog {
-    /// Opens (creating if needed) the audit file for appending and starts the writer thread.
+    /// Opens (creating if needed) the audit file for appending, and the stdout mirror's thread
+    /// if asked for.
     pub fn open(path: &Path, options: WriterOptions) -> Result<Self, AuditError> {
         let file = open_append(path).map_err(|e| AuditError {
             path: path.to_owned(),
             source: e,
         })?;
-        let (tx, rx) = mpsc::unbounded_channel();
         let healthy = Arc::new(AtomicBool::new(true));
         let stdout = if options.stdout {
             Some(stdout_writer().map_err(|e| AuditError {
@@ -216,70 +242,371 @@ impl AuditLog {
         let writer = Writer {
             // A crash in the middle of a write may have left half a line.
             torn: !ends_a_line(&file),
-            file,
+            file: Some(file),
             path: path.to_owned(),
             options,
             healthy: healthy.clone(),
             stdout,
+            writes: 0,
         };
-        thread::Builder::new()
-            .name("audit-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| AuditError {
+        Ok(Self {
+            shared: Arc::new(Shared {
+                writer: Mutex::new(writer),
+                healthy,
+                closed: AtomicBool::new(false),
+                queues: Mutex::default(),
                 path: path.to_owned(),
-                source: e,
-            })?;
-        Ok(Self { tx, healthy })
+            }),
+        })
     }
 
-    /// Appends one record; returns once it is written to the file, `false` if it could not be.
+    /// A batcher for one worker: its records are gathered and written together by a flush task
+    /// spawned here, on the current runtime (so this must be called on the worker's runtime, and
+    /// panics outside one). The task ends once every clone of the batcher is dropped.
+    pub fn batcher(&self) -> AuditBatcher {
+        let queue = Arc::new(Queue::default());
+        {
+            let mut queues = lock(&self.shared.queues);
+            queues.retain(|q| q.strong_count() > 0);
+            queues.push(Arc::downgrade(&queue));
+        }
+        tokio::spawn(flush_task(queue.clone(), self.shared.clone()));
+        AuditBatcher {
+            handle: Arc::new(Handle {
+                queue,
+                shared: self.shared.clone(),
+            }),
+        }
+    }
+
+    /// Appends one record, written at once from this thread; returns once it is in the file,
+    /// `false` if it could not be written.
     pub async fn append(&self, record: &Record<'_>) -> bool {
-        let mut line = match serde_json::to_vec(record) {
-            Ok(line) => line,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot serialize an audit record");
-                return false;
-            }
-        };
-        line.push(b'\n');
-        let (written, done) = oneshot::channel();
-        if self.tx.send(Message::Record { line, written }).is_err() {
-            tracing::error!("audit record dropped: the audit writer has already stopped");
+        if self.shared.closed.load(Ordering::Acquire) {
+            tracing::error!("audit record dropped: the audit file is already closed");
             return false;
         }
-        done.await.unwrap_or(false)
+        let mut line = Vec::with_capacity(512);
+        if !serialize_line(&mut line, record) {
+            return false;
+        }
+        self.shared.lock_writer().write(&line, 1)
     }
 
     /// Whether the last write reached the file.
     pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.shared.healthy.load(Ordering::Relaxed)
     }
 
-    /// Whether the file takes writes now (it asks the writer to find out, writing no record).
+    /// Whether the file takes writes now, found out without writing a record (see
+    /// [`Writer::probe`]). Runs on a blocking thread: a stalled disk holds that thread, not a
+    /// runtime's.
     pub async fn probe(&self) -> bool {
-        let (reply, done) = oneshot::channel();
-        if self.tx.send(Message::Probe(reply)).is_err() {
-            return false;
-        }
-        done.await.unwrap_or(false)
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.lock_writer().probe())
+            .await
+            .unwrap_or(false)
     }
 
-    /// Opens the file at its path again; records queued before this call go to the old file,
-    /// records after it to the new one. On failure the old file is kept.
+    /// Opens the file at its path again; records appended before this call go to the old file
+    /// (also those still waiting in a batcher), records after it to the new one. On failure the
+    /// old file is kept. Runs on a blocking thread, as [`AuditLog::probe`].
     pub async fn reopen(&self) -> Result<(), String> {
-        let (reply, done) = oneshot::channel();
-        self.tx
-            .send(Message::Reopen(reply))
-            .map_err(|_| "the audit writer has stopped".to_owned())?;
-        done.await
-            .unwrap_or_else(|_| Err("the audit writer has stopped".to_owned()))
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.reopen())
+            .await
+            .unwrap_or_else(|e| Err(format!("audit.file: the reopen did not finish: {e}")))
     }
 
-    /// Writes out what is queued, syncs the file to disk and stops the writer.
+    /// Writes out what the batchers hold, syncs the file to disk and closes it: every append
+    /// after this returns `false`. Runs on a blocking thread, so that a caller can bound it with
+    /// a timeout.
     pub async fn close(&self) {
-        let (closed, done) = oneshot::channel();
-        if self.tx.send(Message::Close(closed)).is_ok() {
-            let _ = done.await;
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.close()).await;
+    }
+}
+
+impl Shared {
+    fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        lock(&self.writer)
+    }
+
+    /// Writes out every batcher's waiting records, into the file open now.
+    fn write_out_batchers(&self, writer: &mut Writer) {
+        let queues: Vec<Arc<Queue>> = lock(&self.queues)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        for queue in queues {
+            queue.write_out(writer, &mut Vec::new());
+        }
+    }
+
+    fn reopen(&self) -> Result<(), String> {
+        let mut writer = self.lock_writer();
+        self.write_out_batchers(&mut writer);
+        writer.reopen()
+    }
+
+    fn close(&self) {
+        let file = {
+            let mut writer = self.lock_writer();
+            self.write_out_batchers(&mut writer);
+            self.closed.store(true, Ordering::Release);
+            // The mirror's thread writes what it was given, then ends.
+            writer.stdout = None;
+            writer.file.take()
+        };
+        // Outside the lock: nothing can be written any more, but nothing should wait for this.
+        if let Some(file) = file {
+            if let Err(e) = file.sync_all() {
+                tracing::error!(file = %self.path.display(), error = %e, "cannot sync the audit file");
+            }
+        }
+    }
+}
+
+/// Appends `record` and a newline to `buffer`; on failure (logged), `buffer` is left as it was.
+fn serialize_line(buffer: &mut Vec<u8>, record: &Record<'_>) -> bool {
+    let start = buffer.len();
+    match serde_json::to_writer(&mut *buffer, record) {
+        Ok(()) => {
+            buffer.push(b'\n');
+            true
+        }
+        Err(e) => {
+            buffer.truncate(start);
+            tracing::error!(error = %e, "cannot serialize an audit record");
+            false
+        }
+    }
+}
+
+/// Locks `mutex`, poisoned or not: nothing here panics while holding one, and the state behind
+/// each stays valid if something did.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One worker's way into the audit file: group commit, as nginx writes its access log from each
+/// worker. A record is serialized into the worker's pending batch and its request waits; the
+/// worker's flush task, woken by the first record of a batch, runs after the tasks the runtime
+/// had already made ready, so it finds every record made in that turn of the event loop. It
+/// writes them with one `write` on the worker's own thread (taking the file's lock once) and
+/// then releases every request waiting on the batch with its result. No thread hop, no
+/// allocation per record.
+///
+/// Cheap to clone; the pending batch is the worker's own, so its lock is uncontended.
+#[derive(Clone)]
+pub struct AuditBatcher {
+    handle: Arc<Handle>,
+}
+
+impl std::fmt::Debug for AuditBatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditBatcher")
+            .field("path", &self.handle.shared.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AuditBatcher {
+    /// Queues one record; the future resolves once the record is in the file (handed to the
+    /// operating system), `false` if it could not be written. The record is serialized before
+    /// this returns, so the future borrows nothing.
+    pub fn append(&self, record: &Record<'_>) -> impl Future<Output = bool> + Send + 'static {
+        let queued = self.handle.enqueue(record);
+        async move {
+            match queued {
+                Some(written) => written.wait().await,
+                None => false,
+            }
+        }
+    }
+}
+
+/// Shared by the clones of one batcher; when the last goes, the flush task is told to finish.
+struct Handle {
+    queue: Arc<Queue>,
+    shared: Arc<Shared>,
+}
+
+impl Handle {
+    fn enqueue(&self, record: &Record<'_>) -> Option<Arc<Written>> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            tracing::error!("audit record dropped: the audit file is already closed");
+            return None;
+        }
+        let mut pending = lock(&self.queue.pending);
+        if pending.stopped {
+            tracing::error!("audit record dropped: this worker's audit flush task has stopped");
+            return None;
+        }
+        let was_idle = pending.is_idle();
+        let batch = &mut pending.filling;
+        if !serialize_line(&mut batch.lines, record) {
+            return None;
+        }
+        batch.records += 1;
+        let written = batch.written.clone();
+        if batch.lines.len() >= MAX_BATCH_BYTES {
+            let full = std::mem::take(&mut pending.filling);
+            pending.full.push_back(full);
+        }
+        drop(pending);
+        if was_idle {
+            self.queue.wake.notify_one();
+        }
+        Some(written)
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        lock(&self.queue.pending).abandoned = true;
+        self.queue.wake.notify_one();
+    }
+}
+
+/// One worker's records waiting for their write.
+#[derive(Default)]
+struct Queue {
+    pending: Mutex<Pending>,
+    /// Wakes the flush task: records are waiting, or the last handle is gone.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Batches that reached [`MAX_BATCH_BYTES`], oldest first: written before `filling`.
+    full: VecDeque<Batch>,
+    filling: Batch,
+    /// Every handle is gone: the flush task ends once it has written what is left.
+    abandoned: bool,
+    /// The flush task is gone (its runtime shut down): appends fail at once.
+    stopped: bool,
+}
+
+impl Pending {
+    fn is_idle(&self) -> bool {
+        self.full.is_empty() && self.filling.records == 0
+    }
+
+    /// The batches waiting, oldest first; `spare` becomes the next batch's buffer.
+    fn take(&mut self, spare: &mut Vec<u8>) -> (VecDeque<Batch>, Option<Batch>) {
+        let full = std::mem::take(&mut self.full);
+        let filling = (self.filling.records > 0).then(|| Batch {
+            lines: std::mem::replace(&mut self.filling.lines, std::mem::take(spare)),
+            records: std::mem::take(&mut self.filling.records),
+            written: std::mem::take(&mut self.filling.written),
+        });
+        (full, filling)
+    }
+}
+
+#[derive(Default)]
+struct Batch {
+    lines: Vec<u8>,
+    records: usize,
+    written: Arc<Written>,
+}
+
+impl Queue {
+    /// Writes every waiting batch with `writer` (locked by the caller, before this queue's own
+    /// lock: always in that order) and releases the records' waiters. `spare` trades buffers
+    /// with the queue, so that a busy worker reuses one.
+    fn write_out(&self, writer: &mut Writer, spare: &mut Vec<u8>) {
+        let (full, filling) = lock(&self.pending).take(spare);
+        for batch in full {
+            let ok = writer.write(&batch.lines, batch.records);
+            batch.written.finish(ok);
+        }
+        if let Some(batch) = filling {
+            let ok = writer.write(&batch.lines, batch.records);
+            batch.written.finish(ok);
+            *spare = batch.lines;
+            spare.clear();
+        }
+    }
+}
+
+/// Whether one batch was written, for the requests waiting on it.
+#[derive(Default)]
+struct Written {
+    /// 0 while waiting, then 1 written or 2 not.
+    state: AtomicU8,
+    done: Notify,
+}
+
+impl Written {
+    fn finish(&self, ok: bool) {
+        self.state.store(if ok { 1 } else { 2 }, Ordering::Release);
+        self.done.notify_waiters();
+    }
+
+    fn result(&self) -> Option<bool> {
+        match self.state.load(Ordering::Acquire) {
+            0 => None,
+            state => Some(state == 1),
+        }
+    }
+
+    async fn wait(&self) -> bool {
+        // A `Notified` hears `notify_waiters` from the moment it is made, so a batch finished
+        // between this line and the check below still wakes it.
+        let done = self.done.notified();
+        if let Some(ok) = self.result() {
+            return ok;
+        }
+        done.await;
+        self.result().unwrap_or(false)
+    }
+}
+
+/// One worker's writer of batches: wakes when a batch starts, and (being queued behind the
+/// tasks already ready) writes it once they have added their records.
+fn flush_task(queue: Arc<Queue>, shared: Arc<Shared>) -> impl Future<Output = ()> {
+    // Made outside the `async` block, so that it is dropped even with a task never polled.
+    let stopped = FailOnStop(queue.clone());
+    async move {
+        let _stopped = stopped;
+        let mut spare = Vec::new();
+        loop {
+            queue.wake.notified().await;
+            let abandoned = {
+                let mut writer = shared.lock_writer();
+                queue.write_out(&mut writer, &mut spare);
+                lock(&queue.pending).abandoned
+            };
+            if abandoned {
+                // No handle is left to add records; the last ones were just written.
+                return;
+            }
+        }
+    }
+}
+
+/// Should the flush task end with records waiting (its runtime shut down), their requests get
+/// `false` instead of waiting forever, and later appends fail at once.
+struct FailOnStop(Arc<Queue>);
+
+impl Drop for FailOnStop {
+    fn drop(&mut self) {
+        let (full, filling) = {
+            let mut pending = lock(&self.0.pending);
+            pending.stopped = true;
+            pending.take(&mut Vec::new())
+        };
+        let lost: usize = full.iter().chain(&filling).map(|b| b.records).sum();
+        if lost > 0 {
+            tracing::error!(
+                records = lost,
+                "audit records not written: their worker stopped first"
+            );
+        }
+        for batch in full.into_iter().chain(filling) {
+            batch.written.finish(false);
         }
     }
 }
@@ -293,8 +620,10 @@ fn open_append(path: &Path) -> io::Result<File> {
     options.open(path)
 }
 
+/// The file and what goes with it; behind [`Shared::writer`].
 struct Writer {
-    file: File,
+    /// `None` once closed.
+    file: Option<File>,
     path: PathBuf,
     options: WriterOptions,
     healthy: Arc<AtomicBool>,
@@ -304,6 +633,8 @@ struct Writer {
     /// Batches for stdout, written by a thread of their own so that a stalled stdout pipe
     /// cannot hold up the file or the requests waiting on it.
     stdout: Option<std::sync::mpsc::SyncSender<Arc<[u8]>>>,
+    /// Writes of records attempted: the tests see batching in it.
+    writes: u64,
 }
 
 /// Whether `file` is empty or ends with a newline (also when it cannot be read, such as
@@ -336,69 +667,21 @@ fn stdout_writer() -> io::Result<std::sync::mpsc::SyncSender<Arc<[u8]>>> {
 }
 
 impl Writer {
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Message>) {
-        let mut batch = Vec::with_capacity(64 * 1024);
-        let mut waiting = Vec::new();
-        let mut closing = None;
-        while closing.is_none() {
-            let Some(first) = rx.blocking_recv() else {
-                break;
-            };
-            let mut next = Some(first);
-            let mut reopen = None;
-            let mut probe = None;
-            while let Some(message) = next.take() {
-                match message {
-                    Message::Record { line, written } => {
-                        batch.extend_from_slice(&line);
-                        waiting.push(written);
-                    }
-                    Message::Reopen(reply) => {
-                        reopen = Some(reply);
-                        break;
-                    }
-                    Message::Probe(reply) => {
-                        probe = Some(reply);
-                        break;
-                    }
-                    Message::Close(done) => {
-                        closing = Some(done);
-                        break;
-                    }
-                }
-                if batch.len() < MAX_BATCH_BYTES {
-                    next = rx.try_recv().ok();
-                }
-            }
-            if !waiting.is_empty() {
-                let ok = self.write(&batch, waiting.len());
-                for written in waiting.drain(..) {
-                    let _ = written.send(ok);
-                }
-                batch.clear();
-            }
-            if let Some(reply) = reopen {
-                let _ = reply.send(self.reopen());
-            }
-            if let Some(reply) = probe {
-                let _ = reply.send(self.probe());
-            }
-        }
-        if let Err(e) = self.file.sync_all() {
-            tracing::error!(file = %self.path.display(), error = %e, "cannot sync the audit file");
-        }
-        if let Some(done) = closing {
-            let _ = done.send(());
-        }
-    }
-
     /// Writes one batch of `records` records; `false` if the file did not take it.
     fn write(&mut self, batch: &[u8], records: usize) -> bool {
+        let Some(file) = self.file.as_mut() else {
+            tracing::error!(
+                records,
+                "audit records dropped: the audit file is already closed"
+            );
+            return false;
+        };
+        self.writes += 1;
         let mut result = Ok(());
         if self.torn {
-            result = self.file.write_all(b"\n");
+            result = file.write_all(b"\n");
         }
-        let ok = match result.and_then(|()| self.file.write_all(batch)) {
+        let ok = match result.and_then(|()| file.write_all(batch)) {
             Ok(()) => true,
             Err(e) => {
                 self.options.errors.inc_by(records as u64);
@@ -407,7 +690,7 @@ impl Writer {
             }
         };
         // Only a failure can leave half a line; then look at how the file ends.
-        self.torn = !ok && !ends_a_line(&self.file);
+        self.torn = !ok && !ends_a_line(file);
         self.healthy.store(ok, Ordering::Relaxed);
         if let Some(stdout) = &self.stdout {
             if stdout.try_send(Arc::from(batch)).is_err() {
@@ -425,19 +708,22 @@ impl Writer {
     /// file without changing its size (`fallocate` with `FALLOC_FL_KEEP_SIZE`; the next appends
     /// use that room), which fails on a full disk or quota. On a file system without `fallocate`,
     /// the free space it reports decides. A file that is not a regular one (`/dev/full`, a pipe)
-    /// cannot be asked: the next record decides, as before.
+    /// cannot be asked: the next record decides, as before. A closed file takes nothing.
     fn probe(&mut self) -> bool {
         use std::os::fd::AsRawFd;
+        let Some(file) = self.file.as_mut() else {
+            return false;
+        };
         if self.healthy.load(Ordering::Relaxed) {
             return true;
         }
         let ok = if self.torn {
-            let ok = self.file.write_all(b"\n").is_ok();
+            let ok = file.write_all(b"\n").is_ok();
             self.torn = !ok;
             ok
         } else {
-            let fd = self.file.as_raw_fd();
-            let end = self.file.metadata().map_or(0, |m| m.len());
+            let fd = file.as_raw_fd();
+            let end = file.metadata().map_or(0, |m| m.len());
             // SAFETY: a plain system call on a descriptor this writer owns; no memory is passed.
             let reserved = unsafe {
                 libc::fallocate(
@@ -470,13 +756,19 @@ impl Writer {
     }
 
     fn reopen(&mut self) -> Result<(), String> {
+        let Some(old) = self.file.as_ref() else {
+            return Err(format!(
+                "audit.file: {} is already closed (shutting down)",
+                self.path.display()
+            ));
+        };
         match open_append(&self.path) {
             Ok(file) => {
-                if let Err(e) = self.file.sync_all() {
+                if let Err(e) = old.sync_all() {
                     tracing::warn!(file = %self.path.display(), error = %e, "cannot sync the audit file being closed");
                 }
-                self.file = file;
-                self.torn = !ends_a_line(&self.file);
+                self.torn = !ends_a_line(&file);
+                self.file = Some(file);
                 tracing::info!(file = %self.path.display(), "audit file reopened");
                 Ok(())
             }
@@ -521,7 +813,7 @@ mod tests {
 
     fn record(status: u16) -> Record<'static> {
         Record {
-            ts: "2026-12-01T00:00:00Z".into(),
+            ts: humantime::parse_rfc3339("2026-12-01T00:00:00Z").unwrap(),
             request_id: Some("r1"),
             caller: Some("127.0.0.1"),
             peer: Some("127.0.0.1:5000"),
@@ -545,6 +837,7 @@ mod tests {
         assert!(log.append(&record(200)).await);
         let text = std::fs::read_to_string(&path).unwrap();
         let value: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
+        assert_eq!(value["ts"], "2026-12-01T00:00:00.000000Z");
         assert_eq!(value["status"], 200);
         assert_eq!(value["limit"], serde_json::Value::Null);
         log.close().await;
@@ -627,6 +920,131 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
         assert_eq!(last["status"], 201);
+    }
+
+    fn writes(log: &AuditLog) -> u64 {
+        log.shared.lock_writer().writes
+    }
+
+    fn statuses(path: &Path) -> Vec<u64> {
+        let mut statuses: Vec<u64> = std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["status"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        statuses.sort();
+        statuses
+    }
+
+    #[tokio::test]
+    async fn records_made_in_one_turn_share_one_write_and_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let batcher = log.batcher();
+        // All made ready together, as requests answered in one turn of a worker's event loop.
+        let tasks: Vec<_> = (0..50u16)
+            .map(|i| {
+                let (batcher, path) = (batcher.clone(), path.clone());
+                tokio::spawn(async move {
+                    let written = batcher.append(&record(200 + i)).await;
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    let line = format!("\"status\":{},", 200 + i);
+                    (written, text.contains(&line))
+                })
+            })
+            .collect();
+        for task in tasks {
+            let (written, in_the_file) = task.await.unwrap();
+            assert!(written);
+            assert!(in_the_file, "released before its line was in the file");
+        }
+        assert_eq!(statuses(&path), (200..250).collect::<Vec<u64>>());
+        let writes = writes(&log);
+        assert!(writes < 50, "50 records took {writes} writes");
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_cut_at_its_size_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let batcher = log.batcher();
+        let long = "/x".repeat(2048);
+        // About 4 KiB each: 100 of them are past one batch's 256 KiB.
+        let appends: Vec<_> = (0..100u16)
+            .map(|i| {
+                batcher.append(&Record {
+                    path: Some(&long),
+                    ..record(200 + i)
+                })
+            })
+            .collect();
+        for written in futures_util::future::join_all(appends).await {
+            assert!(written);
+        }
+        assert_eq!(statuses(&path), (200..300).collect::<Vec<u64>>());
+        assert_eq!(writes(&log), 2);
+        log.close().await;
+    }
+
+    #[tokio::test]
+    async fn records_waiting_in_a_batcher_at_reopen_go_to_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let batcher = log.batcher();
+        let rotated = dir.path().join("audit.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        // Queued, not yet written: its flush task has not had a turn.
+        let before = batcher.append(&record(200));
+        log.reopen().await.unwrap();
+        assert!(batcher.append(&record(201)).await);
+        assert!(before.await);
+        log.close().await;
+        assert_eq!(statuses(&rotated), [200]);
+        assert_eq!(statuses(&path), [201]);
+    }
+
+    #[tokio::test]
+    async fn close_writes_what_is_waiting_then_refuses_every_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let batcher = log.batcher();
+        let waiting = batcher.append(&record(200));
+        log.close().await;
+        assert!(waiting.await);
+        assert_eq!(statuses(&path), [200]);
+        assert!(!batcher.append(&record(201)).await);
+        assert!(!log.append(&record(202)).await);
+        assert!(log.reopen().await.is_err());
+        assert!(!log.probe().await);
+        assert_eq!(statuses(&path), [200]);
+    }
+
+    #[test]
+    fn a_worker_that_stops_fails_its_waiting_records_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let worker = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let batcher = worker.block_on(async { log.batcher() });
+        // Queued, then the worker's runtime goes before its flush task ran.
+        let waiting = batcher.append(&record(200));
+        drop(worker);
+        let elsewhere = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        assert!(!elsewhere.block_on(waiting));
+        assert!(!elsewhere.block_on(batcher.append(&record(201))));
     }
 
     #[test]

@@ -171,7 +171,7 @@ impl RefusalSampler {
                 .duration_since(counted.first)
                 .unwrap_or_default();
             let record = Record {
-                ts: humantime::format_rfc3339_micros(counted.first).to_string(),
+                ts: counted.first,
                 peer: peer.as_deref(),
                 status: counted.kind.status,
                 outcome: counted.kind.outcome,

@@ -316,7 +316,7 @@ pub struct Callers {
     /// Let every authenticated caller read every job's result, not only its own.
     pub share_results: bool,
     /// Most jobs remembered (with their caller and data source) for result polls; the oldest
-    /// are forgotten first.
+    /// are forgotten first (oldest of their shard: see `JobBook`).
     pub max_tracked_jobs: usize,
 }
 

@@ -47,7 +47,8 @@ pub struct StackParts {
     pub overload: ShedOverloadLayer,
 }
 
-/// Builds the service that answers every request on the main listener.
+/// Builds the service that answers every request on the main listener. Call it on the runtime
+/// that serves the stack: its audit batcher's flush task is spawned there.
 pub fn build<B>(
     parts: StackParts,
 ) -> impl Service<
@@ -95,7 +96,7 @@ where
         // sampled, see `audit_sampling.rs`); each request runs to its end even if its caller
         // hangs up.
         .layer(AuditLayer::new(
-            parts.audit.clone(),
+            parts.audit.batcher(),
             parts.tasks,
             parts.metrics.clone(),
             parts.refusals,

@@ -12,6 +12,7 @@
 //! Only shutdown cancels requests, once `limits.shutdown_grace` has run out; they are answered
 //! 503 and audited with outcome `aborted`.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -22,14 +23,14 @@ use std::time::{Duration, Instant, SystemTime};
 use futures_util::FutureExt;
 use std::net::IpAddr;
 
-use http::{Method, Request, Response, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
 use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
-use crate::audit::{bounded_path, AuditFacts, AuditLog, Outcome, Record};
+use crate::audit::{bounded_path, AuditBatcher, AuditFacts, Outcome, Record};
 use crate::audit_sampling::{RefusalKind, RefusalSampler};
 use crate::metrics::{self, Metrics, RequestLabels};
 use crate::{error, Body};
@@ -50,7 +51,8 @@ pub struct AuditLayer {
 /// costs one reference count here, not one per handle.
 #[derive(Debug)]
 struct Shared {
-    log: AuditLog,
+    /// This worker's way into the audit file.
+    log: AuditBatcher,
     tasks: RequestTasks,
     metrics: Metrics,
     /// Which refusals of strangers get a record of their own.
@@ -59,7 +61,7 @@ struct Shared {
 
 impl AuditLayer {
     pub fn new(
-        log: AuditLog,
+        log: AuditBatcher,
         tasks: RequestTasks,
         metrics: Metrics,
         refusals: Arc<RefusalSampler>,
@@ -93,30 +95,41 @@ pub struct Audit<S> {
 }
 
 /// What the audit record needs from the request, taken before the request moves inward.
+/// Cheap clones: the header value and the URI share the request's bytes (a reference count),
+/// and the audited path is only made from them when the record is written.
 struct Seen {
     ts: SystemTime,
     started: Instant,
-    request_id: Option<String>,
+    request_id: Option<HeaderValue>,
     peer: Option<Arc<str>>,
     /// The address block a stranger's refusals are counted by (see `Peer::block`).
     peer_block: Option<IpAddr>,
-    method: http::Method,
+    method: Method,
+    version: Version,
+    uri: Uri,
+}
+
+impl Seen {
     /// See [`audited_target`].
-    path: String,
+    fn target(&self) -> Cow<'_, str> {
+        audited_target(&self.method, self.version, &self.uri)
+    }
 }
 
 /// What a record says was asked for: the path, without the query (it could carry anything, and
 /// is never forwarded). A CONNECT request has no path: its `host:port` is recorded; an
 /// HTTP/1 request in absolute form is recorded as the URL it named. User information
-/// (`user:password@`) never reaches the record.
-fn audited_target(method: &Method, version: Version, uri: &Uri) -> String {
+/// (`user:password@`) never reaches the record. Only the absolute form needs a new string.
+fn audited_target<'a>(method: &Method, version: Version, uri: &'a Uri) -> Cow<'a, str> {
     let authority = uri.authority().and_then(|a| a.as_str().rsplit('@').next());
     if *method == Method::CONNECT {
-        return authority.unwrap_or(uri.path()).to_owned();
+        return Cow::Borrowed(authority.unwrap_or(uri.path()));
     }
     match (version < Version::HTTP_2, uri.scheme_str(), authority) {
-        (true, Some(scheme), Some(authority)) => format!("{scheme}://{authority}{}", uri.path()),
-        _ => uri.path().to_owned(),
+        (true, Some(scheme), Some(authority)) => {
+            Cow::Owned(format!("{scheme}://{authority}{}", uri.path()))
+        }
+        _ => Cow::Borrowed(uri.path()),
     }
 }
 
@@ -134,21 +147,16 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        let peer = request.extensions().get::<Peer>();
         let seen = Seen {
             ts: SystemTime::now(),
             started: Instant::now(),
-            request_id: request
-                .headers()
-                .get(X_REQUEST_ID)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
-            peer: request
-                .extensions()
-                .get::<Peer>()
-                .map(|p| p.addr_text.clone()),
-            peer_block: request.extensions().get::<Peer>().map(Peer::block),
+            request_id: request.headers().get(X_REQUEST_ID).cloned(),
+            peer: peer.map(|p| p.addr_text.clone()),
+            peer_block: peer.map(Peer::block),
             method: request.method().clone(),
-            path: audited_target(request.method(), request.version(), request.uri()),
+            version: request.version(),
+            uri: request.uri().clone(),
         };
         let work = self.inner.call(request);
         let shared = self.shared.clone();
@@ -162,7 +170,8 @@ where
                 result = work => match result {
                     Ok(Ok(response)) => response,
                     Err(_) => {
-                        let (path, _) = bounded_path(&seen.path);
+                        let target = seen.target();
+                        let (path, _) = bounded_path(&target);
                         tracing::error!(path, "a request handler panicked");
                         error::internal_error()
                     }
@@ -178,7 +187,8 @@ where
 /// A request and its audit record, run in the connection's own task. Should the caller hang up
 /// first (the future is dropped unfinished), the rest of the work moves to a task of its own,
 /// tracked for shutdown: the request still runs to its end and is audited. Running inline
-/// otherwise spares every request a task of its own and the wake-ups between the two.
+/// otherwise spares every request a task of its own and the wake-ups between the two. The work
+/// is boxed because that move needs it: a pinned future can only change hands behind a pointer.
 pub struct Audited {
     work: Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>,
 }
@@ -218,10 +228,11 @@ async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared)
         .extensions_mut()
         .remove::<AuditFacts>()
         .unwrap_or_default();
-    let (path, path_truncated) = bounded_path(&seen.path);
+    let target = seen.target();
+    let (path, path_truncated) = bounded_path(&target);
     let record = Record {
-        ts: humantime::format_rfc3339_micros(seen.ts).to_string(),
-        request_id: seen.request_id.as_deref(),
+        ts: seen.ts,
+        request_id: seen.request_id.as_ref().and_then(|v| v.to_str().ok()),
         caller: facts.caller.as_deref(),
         peer: seen.peer.as_deref(),
         method: Some(seen.method.as_str()),
@@ -276,7 +287,7 @@ fn count(metrics: &Metrics, record: &Record<'_>, listed_caller: Option<&Arc<str>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::Limit;
+    use crate::audit::{AuditLog, Limit};
     use http::StatusCode;
     use tower::ServiceExt;
 
@@ -299,7 +310,7 @@ mod tests {
             Ok::<_, Infallible>(response)
         });
         let service = AuditLayer::new(
-            log.clone(),
+            log.batcher(),
             RequestTasks::default(),
             Metrics::default(),
             Arc::default(),
@@ -348,7 +359,7 @@ mod tests {
             Ok::<_, Infallible>(Response::new(Body::default()))
         });
         let service = AuditLayer::new(
-            log.clone(),
+            log.batcher(),
             RequestTasks::default(),
             Metrics::default(),
             Arc::default(),

@@ -2,18 +2,20 @@
 //! `overloaded` at once instead of queueing callers behind a slow upstream.
 //!
 //! tower's `ConcurrencyLimit` waits in `poll_ready` and `LoadShed` turns that into an error; the
-//! refusal here must be an audited JSON answer, so the permit is taken in `call`.
+//! refusal here must be an audited JSON answer, so the place is taken in `call`. Nobody ever
+//! waits for a place, so a count is all it takes: one atomic add to enter and one to leave, where
+//! a semaphore would take a lock to give its permit back.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures_util::future::Either;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use super::{refuse, Refuse};
@@ -21,13 +23,46 @@ use crate::{error, Body};
 
 #[derive(Debug, Clone)]
 pub struct ShedOverloadLayer {
-    permits: Arc<Semaphore>,
+    in_flight: Arc<InFlight>,
+}
+
+/// The requests in flight, shared by every clone of the layer and its services.
+#[derive(Debug)]
+struct InFlight {
+    count: AtomicUsize,
+    max: usize,
+}
+
+impl InFlight {
+    /// Takes a place, or `None` if all `max` are taken.
+    fn enter(self: &Arc<Self>) -> Option<Place> {
+        // Relaxed: the count guards no other memory, it only has to add up.
+        if self.count.fetch_add(1, Ordering::Relaxed) < self.max {
+            Some(Place(self.clone()))
+        } else {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// One request's place among those in flight, given back when dropped.
+#[derive(Debug)]
+struct Place(Arc<InFlight>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ShedOverloadLayer {
     pub fn new(max_in_flight: usize) -> Self {
         Self {
-            permits: Arc::new(Semaphore::new(max_in_flight)),
+            in_flight: Arc::new(InFlight {
+                count: AtomicUsize::new(0),
+                max: max_in_flight,
+            }),
         }
     }
 }
@@ -38,7 +73,7 @@ impl<S> Layer<S> for ShedOverloadLayer {
     fn layer(&self, inner: S) -> Self::Service {
         ShedOverload {
             inner,
-            permits: self.permits.clone(),
+            in_flight: self.in_flight.clone(),
         }
     }
 }
@@ -46,15 +81,16 @@ impl<S> Layer<S> for ShedOverloadLayer {
 #[derive(Debug, Clone)]
 pub struct ShedOverload<S> {
     inner: S,
-    permits: Arc<Semaphore>,
+    in_flight: Arc<InFlight>,
 }
 
 pin_project! {
-    /// The inner future, holding its place among the requests in flight until it completes.
+    /// The inner future, holding its place among the requests in flight until it completes or
+    /// is dropped.
     pub struct Holding<F> {
         #[pin]
         inner: F,
-        permit: Option<OwnedSemaphorePermit>,
+        place: Option<Place>,
     }
 }
 
@@ -64,7 +100,7 @@ impl<F: Future> Future for Holding<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let output = std::task::ready!(this.inner.poll(cx));
-        this.permit.take();
+        this.place.take();
         Poll::Ready(output)
     }
 }
@@ -82,12 +118,12 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        match self.permits.clone().try_acquire_owned() {
-            Ok(permit) => Either::Right(Holding {
+        match self.in_flight.enter() {
+            Some(place) => Either::Right(Holding {
                 inner: self.inner.call(request),
-                permit: Some(permit),
+                place: Some(place),
             }),
-            Err(_) => refuse(error::overloaded()),
+            None => refuse(error::overloaded()),
         }
     }
 }
@@ -112,7 +148,7 @@ mod tests {
         });
         let service = ShedOverloadLayer::new(1).layer(slow);
         let mut holder = service.clone();
-        // `call` takes the only permit; the future keeps it until the answer is ready.
+        // `call` takes the only place; the future keeps it until the answer is ready.
         let first = holder
             .ready()
             .await
@@ -126,6 +162,41 @@ mod tests {
         assert_eq!(second.status(), 503);
         release.send(()).unwrap();
         assert_eq!(first.await.unwrap().status(), 200);
+        let after = service
+            .oneshot(Request::new(Body::default()))
+            .await
+            .unwrap();
+        assert_eq!(after.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_request_gives_its_place_back() {
+        // The first request never gets an answer; later ones at once.
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let stuck_then_quick = tower::service_fn(move |_: Request<Body>| {
+            let stuck = first.swap(false, Ordering::Relaxed);
+            async move {
+                if stuck {
+                    std::future::pending::<()>().await;
+                }
+                Ok::<_, Infallible>(Response::new(Body::default()))
+            }
+        });
+        let service = ShedOverloadLayer::new(1).layer(stuck_then_quick);
+        let mut holder = service.clone();
+        let stuck = holder
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::new(Body::default()));
+        let refused = service
+            .clone()
+            .oneshot(Request::new(Body::default()))
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 503);
+        // As when a caller hangs up: the request's future is dropped unfinished.
+        drop(stuck);
         let after = service
             .oneshot(Request::new(Body::default()))
             .await
