@@ -819,8 +819,9 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
             f"**{SHAPES[s]}** (ALPN offers {'h2, http/1.1' if s == 'h2' else 'http/1.1 only'})"
             for s in meta["upstreams"]))
     add(f"- proxies: nginx worker_processes {meta['workers']}, HAProxy nbthread {meta['workers']}, "
-        "gateway: tokio multi-thread runtime (one worker per core); every proxy logs one JSON line "
-        "per request to a file and verifies the upstream's certificate")
+        "gateway: one single-threaded tokio runtime per core (`[runtime] workers`), each with its "
+        "own SO_REUSEPORT listener and upstream pool; every proxy logs one JSON line per request "
+        "to a file and verifies the upstream's certificate")
     add("- everything (wrk, upstream, proxy) shares the same cores: compare ratios within this run only")
     add("")
 
