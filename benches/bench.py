@@ -78,6 +78,10 @@ LABELS = {
     "gateway-many": "datafold-gateway, 1,000 callers × 100,000 ids",
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+# --profile: perf's sampling rate, how many symbols the report lists, how long strace counts.
+PERF_HZ = 999
+PROFILE_TOP_SYMBOLS = 15
+STRACE_SECONDS = 3
 
 
 class BenchError(Exception):
@@ -121,6 +125,16 @@ class Proc:
         except OSError:
             return ""
         return "\n".join(text[-lines:])
+
+    def interrupt(self, timeout: float = 60.0) -> None:
+        """SIGINT, then stop: perf and strace write what they gathered when interrupted."""
+        if self.popen.poll() is None:
+            self._signal(signal.SIGINT)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.stop()
 
     def stop(self) -> None:
         if self in _running:
@@ -233,6 +247,13 @@ def find_tool(name: str) -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise BenchError(f"{name} not found (benches/run.sh installs it)")
+
+
+def optional_tool(name: str) -> str | None:
+    try:
+        return find_tool(name)
+    except BenchError:
+        return None
 
 
 def command_output(argv: list[str]) -> str:
@@ -627,6 +648,105 @@ class Bench:
             target.log.unlink(missing_ok=True)
         return run
 
+    # -- profile (--profile, after the measured rounds) --
+
+    def profile_all(self, perf: str, strace: str | None) -> dict:
+        """The gateway profiled against each upstream shape. A shape whose profile fails is
+        noted and left out; an interrupt ends the profile, not the benchmark."""
+        out: dict = {}
+        for shape in self.shapes:
+            print(f"    profile gateway @ {shape}: perf {self.args.profile_seconds:.0f} s"
+                  + (f", strace {STRACE_SECONDS} s" if strace else ""), file=sys.stderr)
+            try:
+                out[shape] = self.profile(shape, perf, strace)
+            except KeyboardInterrupt:
+                print("note: profile interrupted; the report leaves it out", file=sys.stderr)
+                return {"skipped": "interrupted"}
+            except (BenchError, OSError, subprocess.SubprocessError, ValueError) as exc:
+                print(f"note: profile of the gateway @ {shape} failed, left out: {exc}",
+                      file=sys.stderr)
+                out[shape] = {"skipped": str(exc)}
+        return out
+
+    def profile(self, shape: str, perf: str, strace: str | None) -> dict:
+        """A fresh gateway, one warm-up, then wrk while perf samples the gateway's threads;
+        then, on the same gateway, syscalls counted by strace during a short run."""
+        target = self.start_target("gateway", shape)
+        data = self.work / f"perf-gateway-{shape}.data"
+        try:
+            if self.args.warmup > 0:
+                self.wrk_run(target, self.args.warmup)
+            pids = process_tree(target.proc.pid)
+            recorder = Proc(f"perf record ({shape})",
+                            [perf, "record", "-q", "-N", "-F", str(PERF_HZ), "-g",
+                             "-p", str(target.proc.pid), "-o", str(data)],
+                            self.work / f"perf-gateway-{shape}.log")
+            try:
+                # perf writes the file's header once its counters are open.
+                wait_until("perf record", lambda: file_size(data) > 0, recorder, timeout=30)
+                cpu_before = cpu_seconds(pids)
+                result, _ = self.wrk_run(target, self.args.profile_seconds)
+                cpu = cpu_seconds(pids) - cpu_before
+            finally:
+                recorder.interrupt()
+            syscalls = (self.count_syscalls(target, strace, shape) if strace
+                        else {"skipped": "strace not installed"})
+        finally:
+            target.proc.stop()
+            target.log.unlink(missing_ok=True)
+        rows, samples = perf_report_rows(perf, data)
+        cpu_us = cpu / result["requests"] * 1e6 if result["requests"] else 0.0
+        at = lambda pct: round(pct / 100 * cpu_us, 2)
+        top = sorted(rows, key=lambda r: -r[0])[:PROFILE_TOP_SYMBOLS]
+        return {
+            "seconds": self.args.profile_seconds,
+            "requests": result["requests"],
+            "rps": result["requests"] / (result["duration_us"] / 1e6),
+            "non2xx": result["non2xx"],
+            "socket_errors": sum(result[k] for k in
+                                 ("connect_errors", "read_errors", "write_errors", "timeouts")),
+            "gateway_cpu_s": cpu,
+            "cpu_us_per_req": cpu_us,
+            "perf_samples": samples,
+            "by_crate": [{"group": g, "percent": round(pct, 2), "cpu_us_per_req": at(pct)}
+                         for g, pct in crate_shares(rows)],
+            "top_symbols": [{"symbol": sym, "dso": dso, "group": symbol_group(dso, kind, sym),
+                             "percent": pct, "cpu_us_per_req": at(pct)}
+                            for pct, dso, kind, sym in top],
+            "syscalls": syscalls,
+        }
+
+    def count_syscalls(self, target: Target, strace: str, shape: str) -> dict:
+        """Syscalls per request: `strace -c -f` on the gateway while wrk runs; requests from the
+        audit file, whose line is written before each answer is released. Optional: a failure
+        is noted in the result."""
+        out = self.work / f"strace-gateway-{shape}.txt"
+        pid = target.proc.pid
+        lines_before = count_lines(target.log)
+        tracer = Proc(f"strace ({shape})", [strace, "-c", "-f", "-p", str(pid), "-o", str(out)],
+                      self.work / f"strace-gateway-{shape}.log")
+        try:
+            wait_until("strace", lambda: traced(pid), tracer, timeout=30)
+            self.wrk_run(target, STRACE_SECONDS)
+        except BenchError as exc:
+            return {"skipped": f"strace: {exc}"}
+        finally:
+            tracer.interrupt()
+        requests = count_lines(target.log) - lines_before
+        try:
+            calls = parse_strace_summary(out.read_text())
+        except OSError as exc:
+            return {"skipped": f"strace wrote no summary ({exc})"}
+        if not requests or not calls:
+            return {"skipped": f"strace counted {len(calls)} syscalls over {requests} requests"}
+        return {
+            "seconds": STRACE_SECONDS,
+            "requests": requests,
+            "per_request": sum(c["calls"] for c in calls.values()) / requests,
+            "calls": {name: c | {"per_request": c["calls"] / requests}
+                      for name, c in sorted(calls.items(), key=lambda kv: -kv[1]["calls"])},
+        }
+
 
 def last_line_is_json(path: Path) -> bool:
     try:
@@ -659,6 +779,104 @@ def upstream_view(path: Path, offset: int) -> dict:
         pass
     return {"protocols": protocols, "ports": ports, "connections": len(conns),
             "workers": len(workers)}
+
+
+# --- profile: perf and strace output ---------------------------------------------------------
+
+PERF_ROW = re.compile(r"\s*([\d.]+)%\s+(\S+)\s+\[(.)\]\s+(.*)")
+RUST_CRATE = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)::")
+
+
+def perf_unavailable(perf: str | None, work: Path) -> str | None:
+    """Why perf cannot profile the gateway here, or None when it can (a one-second probe)."""
+    if not perf:
+        return "perf is not installed (linux-perf / linux-tools)"
+    probe = work / "perf-probe.data"
+    try:
+        done = subprocess.run([perf, "record", "-q", "-N", "-F", str(PERF_HZ), "-g",
+                               "-o", str(probe), "--", "sleep", "0.1"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"perf does not run ({exc})"
+    finally:
+        probe.unlink(missing_ok=True)
+    if done.returncode == 0:
+        return None
+    try:
+        paranoid = Path("/proc/sys/kernel/perf_event_paranoid").read_text().strip()
+    except OSError:
+        paranoid = "unknown"
+    said = next((l.strip() for l in (done.stderr + done.stdout).splitlines() if l.strip()), "")
+    return f"perf record is not permitted here (perf_event_paranoid={paranoid}): {said}"
+
+
+def perf_report_rows(perf: str, data: Path) -> tuple[list[tuple[float, str, str, str]], str]:
+    """(percent of samples, shared object, [k]ernel or [.] user, symbol) per symbol, and
+    perf's sample count line."""
+    done = subprocess.run([perf, "report", "-i", str(data), "--stdio", "--no-children",
+                           "--sort", "dso,sym", "-g", "none", "--percent-limit", "0"],
+                          capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise BenchError(f"perf report failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    rows, samples = [], ""
+    for line in done.stdout.splitlines():
+        if line.startswith("# Samples:"):
+            samples = line[len("# Samples:"):].strip()
+        elif m := PERF_ROW.match(line):
+            rows.append((float(m[1]), m[2], m[3], m[4].strip()))
+    if not rows:
+        raise BenchError(f"perf report shows no samples in {data}")
+    return rows, samples
+
+
+def symbol_group(dso: str, kind: str, sym: str) -> str:
+    """Where a symbol's CPU goes: kernel, libc, mimalloc, ring's assembly, or the Rust crate
+    (first path segment of the demangled symbol, `<`, `&mut ` and `&` stripped)."""
+    if kind == "k":
+        return "kernel"
+    if dso.startswith("libc"):
+        return "libc"
+    if dso == "[vdso]":
+        return "vdso"
+    if sym.startswith(("_mi_", "mi_")):
+        return "mimalloc"
+    if m := RUST_CRATE.match(re.sub(r"^(?:<|&mut |&)+", "", sym)):
+        return m[1]
+    low = sym.lower()
+    if sym.startswith("ring_core_") or "aes" in low or "gcm" in low:
+        return "ring"
+    return f"other ({dso})"
+
+
+def crate_shares(rows: list[tuple[float, str, str, str]]) -> list[tuple[str, float]]:
+    shares: dict[str, float] = {}
+    for pct, dso, kind, sym in rows:
+        group = symbol_group(dso, kind, sym)
+        shares[group] = shares.get(group, 0.0) + pct
+    return sorted(shares.items(), key=lambda kv: -kv[1])
+
+
+def traced(pid: int) -> bool:
+    """Every thread of pid has a tracer (strace has attached to all of them)."""
+    tasks = os.listdir(f"/proc/{pid}/task")
+    for task in tasks:
+        for line in Path(f"/proc/{pid}/task/{task}/status").read_text().splitlines():
+            if line.startswith("TracerPid:") and line.split()[1] == "0":
+                return False
+    return bool(tasks)
+
+
+def parse_strace_summary(text: str) -> dict[str, dict[str, int]]:
+    """strace -c's table: calls and errors per syscall (the total line left out)."""
+    calls = {}
+    for line in text.splitlines():
+        parts = line.split()
+        # % time, seconds, usecs/call, calls, [errors,] syscall
+        if len(parts) in (5, 6) and parts[-1] != "total" and all(
+                re.fullmatch(r"[\d.]+", x) for x in parts[:-1]):
+            calls[parts[-1]] = {"calls": int(parts[3]),
+                                "errors": int(parts[4]) if len(parts) == 6 else 0}
+    return calls
 
 
 def nginx_version_tuple(nginx: str) -> tuple[int, ...]:
@@ -801,7 +1019,8 @@ TABLE_HEAD = [
 ]
 
 
-def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], checks: dict) -> str:
+def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], checks: dict,
+           profile: dict | None = None) -> str:
     out = []
     add = out.append
     add("# datafold-gateway side-by-side benchmark")
@@ -819,8 +1038,9 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
             f"**{SHAPES[s]}** (ALPN offers {'h2, http/1.1' if s == 'h2' else 'http/1.1 only'})"
             for s in meta["upstreams"]))
     add(f"- proxies: nginx worker_processes {meta['workers']}, HAProxy nbthread {meta['workers']}, "
-        "gateway: tokio multi-thread runtime (one worker per core); every proxy logs one JSON line "
-        "per request to a file and verifies the upstream's certificate")
+        "gateway: one single-threaded tokio runtime per core (`[runtime] workers`), each with its "
+        "own SO_REUSEPORT listener and upstream pool; every proxy logs one JSON line per request "
+        "to a file and verifies the upstream's certificate")
     add("- everything (wrk, upstream, proxy) shares the same cores: compare ratios within this run only")
     add("")
 
@@ -919,6 +1139,9 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
             add(f"- {line}")
         add("")
 
+    if profile and "skipped" not in profile:
+        out.extend(profile_section(profile, summary))
+
     add("## Checks")
     add("")
     add("Before each run every target answered these as expected against the upstream in use "
@@ -967,6 +1190,78 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
         "the upstream saw from that target, over how many connections and upstream workers (one "
         "request in 16 sampled, so the counts are lower bounds).")
     return "\n".join(out) + "\n"
+
+
+def profile_section(profile: dict, summary: dict[str, dict[str, dict]]) -> list[str]:
+    """Where the gateway's CPU goes, per upstream shape (from --profile)."""
+    out = ["## Profile (perf, gateway only)", ""]
+    add = out.append
+    add("After the measured rounds and not part of their figures: per upstream shape a fresh "
+        f"gateway, one warm-up, then wrk while `perf record -F {PERF_HZ} -g` samples the gateway's "
+        "threads. Share = the group's part of the gateway's samples (self time, `perf report "
+        "--no-children`); CPU/req = that share of the gateway's CPU per request in the same run "
+        "(user + system from /proc, under perf, so a little above the measured figure). Rust "
+        "symbols are grouped by crate (first path segment), `ring_core_*`/AES/GCM symbols under "
+        "ring, `mi_*` under mimalloc.")
+    add("")
+    for shape, p in profile.items():
+        add(f"### {SHAPES[shape]}")
+        add("")
+        if "skipped" in p:
+            add(f"Profile failed: {p['skipped']}")
+            add("")
+            continue
+        measured = summary.get(shape, {}).get("gateway", {}).get("proxy_cpu_us_per_req")
+        errors = (f"; {p['non2xx']} non-2xx, {p['socket_errors']} socket errors"
+                  if p["non2xx"] or p["socket_errors"] else "")
+        add(f"{p['requests']:,} requests in {p['seconds']:.0f} s ({fmt_rps(p['rps'])} req/s){errors}; "
+            f"gateway CPU {p['gateway_cpu_s']:.2f} s → **{fmt_us(p['cpu_us_per_req'])}/req** under "
+            f"perf (measured median above: {fmt_us(measured)}); perf samples: {p['perf_samples']}.")
+        add("")
+        add("| where the gateway's CPU goes | share of samples | CPU/req |")
+        add("|---|---:|---:|")
+        rest = [g for g in p["by_crate"] if g["percent"] < 0.1]
+        for g in p["by_crate"]:
+            if g["percent"] >= 0.1:
+                add(f"| {g['group']} | {g['percent']:.1f}% | {g['cpu_us_per_req']:.2f} µs |")
+        if rest:
+            add(f"| {len(rest)} others below 0.1% each | {sum(g['percent'] for g in rest):.1f}% | "
+                f"{sum(g['cpu_us_per_req'] for g in rest):.2f} µs |")
+        add("")
+        add(f"Top {len(p['top_symbols'])} symbols:")
+        add("")
+        add("| symbol | shared object | group | share | CPU/req |")
+        add("|---|---|---|---:|---:|")
+        for t in p["top_symbols"]:
+            add(f"| {md_code(t['symbol'])} | {md_code(t['dso'])} | {t['group']} | "
+                f"{t['percent']:.1f}% | {t['cpu_us_per_req']:.2f} µs |")
+        add("")
+        out.extend(syscall_lines(p["syscalls"]))
+    return out
+
+
+def syscall_lines(sc: dict) -> list[str]:
+    if "skipped" in sc:
+        return [f"Syscalls per request: not counted ({sc['skipped']}).", ""]
+    shown = [(n, c) for n, c in sc["calls"].items() if c["per_request"] >= 0.01]
+    out = [f"Syscalls per request: **{sc['per_request']:.2f}** (`strace -c -f` for "
+           f"{sc['seconds']} s of wrk, {sc['requests']:,} requests counted in the audit file; "
+           "strace slows the gateway down a lot, so it batches differently than in the runs "
+           "above):", "",
+           "| syscall | calls/req | errors/req |", "|---|---:|---:|"]
+    for name, c in shown:
+        out.append(f"| {name} | {c['per_request']:.2f} | {c['errors'] / sc['requests']:.2f} |")
+    if len(shown) < len(sc["calls"]):
+        out.append(f"| {len(sc['calls']) - len(shown)} others below 0.01/req | "
+                   f"{sum(c['per_request'] for n, c in sc['calls'].items() if c['per_request'] < 0.01):.2f} | |")
+    return out + [""]
+
+
+def md_code(text: str, limit: int = 110) -> str:
+    """A symbol as inline code in a table cell: shortened, pipes escaped."""
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return "`" + text.replace("`", "'").replace("|", "\\|") + "`"
 
 
 def failed(name: str, s: dict) -> bool:
@@ -1045,6 +1340,12 @@ def main() -> int:
                         "h1 (ALPN offers http/1.1 only) or both, in the same run (default both); "
                         "scenario 2 uses the first chosen")
     p.add_argument("--scenario1-only", action="store_true", help="skip the many-callers scenario")
+    p.add_argument("--profile", action="store_true",
+                   help="after the measured rounds, profile the gateway with perf against each "
+                        "upstream shape (CPU by crate, top symbols; syscalls per request with "
+                        "strace if installed); needs perf, skipped with a note otherwise")
+    p.add_argument("--profile-seconds", type=float, default=8,
+                   help="seconds of wrk under perf per upstream shape (default 8)")
     p.add_argument("--results", default=str(HERE / "results"), help="where latest.md/json go")
     p.add_argument("--gateway", required=True, help="the release binary (run.sh passes it)")
     p.add_argument("--workdir", required=True, help="temp dir with ca.pem, server.pem, server.key")
@@ -1054,10 +1355,11 @@ def main() -> int:
     args.rounds = args.rounds or (2 if quick else 5)
     args.seconds = args.seconds or (3 if quick else 8)
     args.warmup = args.warmup if args.warmup is not None else (1 if quick else 2)
-    if args.rounds < 1 or args.seconds <= 0:
-        p.error("--rounds and --seconds must be positive")
+    if args.rounds < 1 or args.seconds <= 0 or args.profile_seconds <= 0:
+        p.error("--rounds, --seconds and --profile-seconds must be positive")
     # wrk takes whole seconds only ("1.5s" is a usage error from wrk itself).
-    for opt, value in (("--seconds", args.seconds), ("--warmup", args.warmup)):
+    for opt, value in (("--seconds", args.seconds), ("--warmup", args.warmup),
+                       ("--profile-seconds", args.profile_seconds)):
         if value != int(value):
             p.error(f"{opt} must be a whole number of seconds (wrk takes no fractions), got {value}")
     args.shapes = ["h2", "h1"] if args.upstream == "both" else [args.upstream]
@@ -1070,6 +1372,7 @@ def main() -> int:
     if not args.scenario1_only:
         plan += [(name, args.shapes[0]) for name in SCENARIO2]
     order = [check_key(name, shape) for name, shape in plan]
+    profile: dict | None = None
     try:
         bench = Bench(args, Path(args.workdir).resolve(), args.gateway, find_tool("nginx"),
                       find_tool("haproxy"), find_tool("wrk"))
@@ -1082,7 +1385,24 @@ def main() -> int:
             "scenario2_upstream": None if args.scenario1_only else args.shapes[0],
             "upstream_ports": {s: bench.up_port[s] for s in args.shapes},
         }
+        perf = strace = None
+        if args.profile:
+            # Checked now, so that the note comes before the rounds rather than after them.
+            perf = optional_tool("perf")
+            why = perf_unavailable(perf, bench.work)
+            if why:
+                print(f"note: --profile skipped: {why}", file=sys.stderr)
+                perf = None
+                profile = {"skipped": why}
+            else:
+                strace = optional_tool("strace")
+                if not strace:
+                    print("note: strace is not installed: the profile counts no syscalls",
+                          file=sys.stderr)
         est = args.rounds * len(plan) * (args.seconds + args.warmup + 0.7)
+        if perf:
+            est += len(args.shapes) * (args.warmup + args.profile_seconds + 5
+                                       + (STRACE_SECONDS + 3 if strace else 0))
         print(f"==> {args.rounds} rounds × {len(plan)} targets, about {est / 60:.1f} min",
               file=sys.stderr)
         bench.start_upstream()
@@ -1097,6 +1417,8 @@ def main() -> int:
                       f"p99 {fmt_ms(run['p99_us']):>9}  non-2xx {run['non2xx']}  "
                       f"sock {run['socket_errors']}  rss {fmt_mib(run['peak_rss_kib'])}",
                       file=sys.stderr)
+        if perf:
+            profile = bench.profile_all(perf, strace)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping everything", file=sys.stderr)
         stop_all()
@@ -1114,13 +1436,13 @@ def main() -> int:
         summary.setdefault(shape, {})[name] = summarize(
             [r for r in runs if r["target"] == name and r["upstream"] == shape])
     ratio_book = {shape: ratios(summary[shape], runs, shape) for shape in summary}
-    text = report(meta, summary, runs, bench.checks)
+    text = report(meta, summary, runs, bench.checks, profile)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "latest.md").write_text(text)
     (results / "latest.json").write_text(json.dumps(
         {"meta": meta, "summary": summary, "ratios": ratio_book, "checks": bench.checks,
-         "runs": runs}, indent=1) + "\n")
+         **({"profile": profile} if profile is not None else {}), "runs": runs}, indent=1) + "\n")
     print(text)
     print(f"(saved to {results / 'latest.md'} and latest.json)", file=sys.stderr)
     return 1 if any(failed(n, s) for ss in summary.values() for n, s in ss.items()) else 0

@@ -5,11 +5,14 @@
 #   benches/run.sh                  # full run, both upstream shapes, about 9-10 minutes
 #   benches/run.sh --quick          # both upstream shapes, about 2 minutes
 #   benches/run.sh --upstream h1    # one shape only: h2 or h1 (default both)
+#   benches/run.sh --profile        # then perf-profile the gateway per shape (--profile-seconds, default 8)
 #   benches/run.sh --help           # every option (rounds, seconds per round, ...)
 #
 # Installs nginx, haproxy and wrk when missing, builds the gateway in release mode in its own
 # target dir, makes a throwaway CA and server certificate, then hands over to bench.py, which
-# runs everything and writes benches/results/latest.md and latest.json.
+# runs everything and writes benches/results/latest.md and latest.json. Every option is passed
+# on to bench.py. --profile needs perf (not installed here; skipped with a note without it or
+# when perf_event_paranoid forbids it) and uses strace for syscall counts when it is installed.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
