@@ -407,7 +407,7 @@ impl Worker {
             parts,
             upstream,
             tls,
-            mut stop,
+            stop: mut self_stop,
         } = self;
         let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
         let config = parts.config.clone();
@@ -428,6 +428,15 @@ impl Worker {
             idle: config.limits.idle_timeout,
         };
         let mut connections = JoinSet::new();
+        // Every connection waits on the stop signal each time its task runs. The gateway's own
+        // signal is one channel for all workers, whose lock the cores would then take turns
+        // at; the worker relays it to a channel of its own, which only its thread touches.
+        let (relay, mut stop) = watch::channel(*self_stop.borrow_and_update());
+        let mut gateway_stop = self_stop;
+        tokio::spawn(async move {
+            let _ = gateway_stop.wait_for(|stopping| *stopping).await;
+            let _ = relay.send(true);
+        });
         let _ = ready.send(());
         if !*stop.borrow_and_update() {
             loop {
