@@ -118,13 +118,22 @@ impl ThrowawayCa {
 
     /// A rustls server configuration for `names`, offering HTTP/2 and HTTP/1.1.
     pub fn server_config(&self, names: &[&str]) -> Result<Arc<ServerConfig>, Error> {
+        self.server_config_offering(names, &[b"h2", b"http/1.1"])
+    }
+
+    /// A rustls server configuration for `names`, offering the `alpn` protocols.
+    pub fn server_config_offering(
+        &self,
+        names: &[&str],
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerConfig>, Error> {
         let issued = self.issue(names)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(issued.chain, issued.key)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
 }

@@ -22,16 +22,8 @@ const TOKEN: &str = "dfgw_hardening_caller_token_5b1f0c";
 
 /// An upstream that answers every request with `answer`, over TLS speaking HTTP/1.1 only.
 async fn raw_upstream(ca: &ThrowawayCa, answer: Vec<u8>) -> String {
-    let issued = ca.issue(&["127.0.0.1"]).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(issued.chain, issued.key)
-        .unwrap();
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let tls = ca.server_config_offering(&["127.0.0.1"], &[b"http/1.1"]);
+    let acceptor = TlsAcceptor::from(tls.unwrap());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let answer = Arc::new(answer);

@@ -61,16 +61,7 @@ async fn post(pool: &Pool, path: &str) -> Result<(u16, Version, Bytes), Error> {
 }
 
 fn server_tls(ca: &ThrowawayCa, alpn: &[&[u8]]) -> TlsAcceptor {
-    let issued = ca.issue(&["127.0.0.1"]).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(issued.chain, issued.key)
-        .unwrap();
-    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    TlsAcceptor::from(Arc::new(tls))
+    TlsAcceptor::from(ca.server_config_offering(&["127.0.0.1"], alpn).unwrap())
 }
 
 /// What the HTTP/1.1 upstream does with a request, by its number (from 0, across connections).
