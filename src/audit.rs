@@ -290,7 +290,12 @@ impl AuditLog {
         if !serialize_line(&mut line, record) {
             return false;
         }
-        self.shared.lock_writer().write(&line, 1)
+        // On a blocking thread: the callers (the refusal summaries) run on the control
+        // runtime, which a stalled disk must not stop from answering probes and signals.
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.lock_writer().write(&line, 1))
+            .await
+            .unwrap_or(false)
     }
 
     /// Whether the last write reached the file.
@@ -1001,9 +1006,10 @@ mod tests {
         let batcher = log.batcher();
         let rotated = dir.path().join("audit.jsonl.1");
         std::fs::rename(&path, &rotated).unwrap();
-        // Queued, not yet written: its flush task has not had a turn.
+        // Queued, not yet written: its flush task has not had a turn, and gets none before the
+        // reopen (called directly, without yielding to the runtime).
         let before = batcher.append(&record(200));
-        log.reopen().await.unwrap();
+        log.shared.reopen().unwrap();
         assert!(batcher.append(&record(201)).await);
         assert!(before.await);
         log.close().await;
@@ -1018,7 +1024,8 @@ mod tests {
         let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
         let batcher = log.batcher();
         let waiting = batcher.append(&record(200));
-        log.close().await;
+        // Directly, so that the flush task gets no turn first: the close must write it.
+        log.shared.close();
         assert!(waiting.await);
         assert_eq!(statuses(&path), [200]);
         assert!(!batcher.append(&record(201)).await);

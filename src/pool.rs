@@ -8,8 +8,10 @@
 //! behind a mutex that only that worker takes, briefly and never across an `.await`.
 //!
 //! Over HTTP/1.1 a connection carries one exchange at a time. Once an answer has been read, its
-//! connection waits idle for the next request, up to a minute; the most recently used is taken
-//! first, so that the rest age out when traffic drops. A request that finds none idle opens a
+//! connection waits idle for the next request; the most recently used is taken first, so that
+//! the rest age out when traffic drops: one idle for over a minute is closed when a request
+//! next looks for a connection (with no requests at all, idle connections stay open until the
+//! upstream closes them, which its task sees at once). A request that finds none idle opens a
 //! new one while the pool has fewer than `upstream.max_connections_per_worker` (idle, busy and
 //! opening alike), and otherwise queues, first come first served, for the next one returned.
 //! Over HTTP/2 the pool keeps one connection that all the worker's requests share, and opens
@@ -18,8 +20,8 @@
 //!
 //! A request is sent a second time only when the upstream provably never saw it: hyper gave it
 //! back from a kept-alive HTTP/1.1 connection that turned out closed before a byte of it was
-//! written, or HTTP/2 refused its stream (`REFUSED_STREAM`, or a `GOAWAY` whose last stream
-//! id is below it). The second attempt goes out on a new connection, and there is no third.
+//! written, or HTTP/2 refused its stream (`REFUSED_STREAM`, or a graceful `GOAWAY` whose last
+//! stream id is below it). The second attempt goes out on a new connection, and there is no third.
 //! Anything that fails after the upstream may have read the request is the caller's error to
 //! report: starting a Datafold connection test twice is not the gateway's call to make.
 
@@ -952,22 +954,30 @@ mod tests {
     async fn past_the_limit_requests_wait_in_order_for_room() {
         let pool = http1_pool(1);
         let first = room(&pool).await;
-        let second = tokio::spawn({
-            let pool = pool.clone();
-            async move { room(&pool).await.reused }
-        });
-        let third = tokio::spawn({
-            let pool = pool.clone();
-            async move { drop(room(&pool).await) }
-        });
+        let granted = Arc::new(Mutex::new(Vec::new()));
+        // Spawned in this order on a single-threaded runtime: they queue in this order.
+        let waiting: Vec<_> = ["second", "third"]
+            .into_iter()
+            .map(|name| {
+                let (pool, granted) = (pool.clone(), granted.clone());
+                tokio::spawn(async move {
+                    let lease = room(&pool).await;
+                    granted.lock().unwrap().push(name);
+                    drop(lease);
+                })
+            })
+            .collect();
         while pool.lock().waiting.len() < 2 {
             tokio::task::yield_now().await;
         }
         assert_eq!(pool.lock().http1, 1);
-        // Room for a connection that never opened: the first in line may open one.
+        // Room for a connection that never opened: the first in line may open one, then the
+        // next once that room is given back.
         drop(first);
-        assert!(!second.await.unwrap());
-        third.await.unwrap();
+        for task in waiting {
+            task.await.unwrap();
+        }
+        assert_eq!(*granted.lock().unwrap(), ["second", "third"]);
         assert_eq!(pool.lock().http1, 0);
     }
 

@@ -293,19 +293,49 @@ impl Gateway {
         );
         health.ready.store(false, Ordering::Release);
         let _ = stop_tx.send(true);
-        while let Some(ended) = workers.join_next().await {
-            match ended {
-                Ok(Ok(Ok(()))) => {}
-                Ok(Ok(Err(e))) => tracing::error!(error = %e, "a worker failed"),
-                _ => tracing::error!("a worker panicked; its requests' records may be missing"),
+        // Each worker bounds its own drain (grace, then cancellation). A worker stuck in a write
+        // to a volume that hangs cannot, and must not hold up the exit forever.
+        let workers_done = async {
+            while let Some(ended) = workers.join_next().await {
+                match ended {
+                    Ok(Ok(Ok(()))) => {}
+                    Ok(Ok(Err(e))) => tracing::error!(error = %e, "a worker failed"),
+                    _ => {
+                        tracing::error!("a worker panicked; its requests' records may be missing")
+                    }
+                }
             }
+        };
+        let drain_limit = config.limits.shutdown_grace + WORKER_STOP_MARGIN;
+        if tokio::time::timeout(drain_limit, workers_done)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                limit = ?drain_limit,
+                "workers did not stop in time (is the audit volume hanging?); exiting without them"
+            );
+            failure.get_or_insert_with(|| {
+                GatewayError(format!(
+                    "workers did not stop within limits.shutdown_grace + {WORKER_STOP_MARGIN:?}; \
+                     records of requests still in flight may be missing"
+                ))
+            });
         }
         admin_task.abort();
         // The last refusals counted but not yet summarised: the periodic flush finishes what it
         // took (a summary it has taken must not meet a closed file), then the rest is written.
         stop_flushing.cancel();
-        let _ = flushing.await;
-        refusals.flush(&audit).await;
+        let summaries = async {
+            let _ = flushing.await;
+            refusals.flush(&audit).await;
+        };
+        if tokio::time::timeout(AUDIT_CLOSE_LIMIT, summaries)
+            .await
+            .is_err()
+        {
+            tracing::error!(file = %config.audit.file.display(), "the last refusal summaries were not written in time");
+        }
         // Past this, every record is in the file; a disk that stalls must not stall the exit.
         if tokio::time::timeout(AUDIT_CLOSE_LIMIT, audit.close())
             .await
@@ -490,6 +520,9 @@ impl Worker {
 
 /// How long cancelled requests get to deliver their 503 before connections are closed.
 const DELIVER_LIMIT: Duration = Duration::from_millis(500);
+/// How long past `limits.shutdown_grace` the workers may take to stop: the cancelled requests'
+/// 503s and their records, and the connections' close.
+const WORKER_STOP_MARGIN: Duration = Duration::from_secs(5);
 /// How long closing the audit file may take before the gateway exits regardless.
 const AUDIT_CLOSE_LIMIT: Duration = Duration::from_secs(10);
 

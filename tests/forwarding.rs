@@ -275,6 +275,30 @@ async fn four_mib_body_is_refused_413_declared_or_chunked() {
 }
 
 #[tokio::test]
+async fn a_too_large_body_announced_with_expect_100_continue_is_refused_before_it_is_sent() {
+    let mut h = Harness::start(|_| {}).await;
+    let mut stream = TcpStream::connect(h.addr).await.unwrap();
+    let head = "POST /api/v1/data_sources/1/test HTTP/1.1\r\nhost: gw\r\n\
+                content-length: 1048576\r\nexpect: 100-continue\r\n\r\n";
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // No byte of the body is sent: the answer must come without it, and must not be the 100
+    // that would ask for it.
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the gateway waited for a body it was going to refuse")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(!answer.contains("100 Continue"), "{answer}");
+    assert!(h.upstream.received().is_empty());
+    h.shutdown().await;
+}
+
+#[tokio::test]
 async fn content_length_with_transfer_encoding_cannot_smuggle_a_second_request() {
     let mut h = Harness::start(|_| {}).await;
     let smuggled = "GET /api/v1/data_sources/1 HTTP/1.1\r\nhost: x\r\n\r\n";

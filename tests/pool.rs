@@ -293,7 +293,8 @@ async fn a_kept_alive_connection_closed_while_idle_is_retried_once_on_a_new_one(
     // The upstream closes the kept-alive connection. One turn of this (single-threaded)
     // runtime lets its I/O driver see the close, and resumes the test before the connection's
     // task runs: the pool takes the connection as idle and healthy, and hyper finds it closed
-    // before writing the request.
+    // before writing the request. (Should a tokio release run woken tasks first, the pool
+    // would drop the closed connection instead, and the retry count below fails the test.)
     upstream.close_idle();
     tokio::task::yield_now().await;
     assert_eq!(post(&pool, "/second").await.unwrap().0, 200);
@@ -307,7 +308,7 @@ async fn an_upstream_closing_after_every_answer_costs_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let ca = ThrowawayCa::new("ca").unwrap();
     let upstream = Http1Upstream::start(&ca, &[HTTP11], Duration::ZERO, |_| Reply::ThenClose);
-    let (pool, retries) = pool_to(dir.path(), &ca, &upstream.url, |_| {});
+    let (pool, _retries) = pool_to(dir.path(), &ca, &upstream.url, |_| {});
     for round in 0..5 {
         let sent: Vec<_> = (0..4)
             .map(|n| {
@@ -325,8 +326,7 @@ async fn an_upstream_closing_after_every_answer_costs_no_request() {
     assert_eq!(requests.len(), 20, "each request reached the upstream once");
     assert_eq!(upstream.requests().len(), 20);
     // Whether a closed connection is noticed while idle (dropped) or only when tried (retried)
-    // is a race; each retry is counted, and none is more than that.
-    assert!(retries.get() <= 20, "{}", retries.get());
+    // is a race, so the retries are not counted here; the test above pins one.
 }
 
 #[tokio::test]

@@ -336,6 +336,45 @@ async fn runtime_workers_sets_how_many_worker_threads_serve() {
 }
 
 #[tokio::test]
+async fn sigterm_ends_a_gateway_whose_audit_file_hangs() {
+    // A FIFO nobody reads: the gateway opens it read-write, so the opening succeeds, and its
+    // writes block for good once the pipe's buffer is full, as on a stuck network volume.
+    let setup = setup("[limits]\nshutdown_grace = \"1s\"\n").await;
+    let fifo = setup.dir.path().join("audit.jsonl");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let served = Served::start(&setup.config, &[]);
+    // Requests until the workers stop answering: each record is a few hundred bytes, the pipe
+    // holds 64 KiB.
+    let mut hung = false;
+    for batch in 0..40 {
+        let sends: Vec<_> = (0..16)
+            .map(|n| {
+                let addr = served.addr.clone();
+                let path = format!("/api/v1/data_sources/{}/test", batch * 16 + n);
+                tokio::spawn(async move {
+                    tokio::time::timeout(Duration::from_secs(2), send(&addr, "POST", &path, &[]))
+                        .await
+                })
+            })
+            .collect();
+        for sent in sends {
+            hung |= sent.await.unwrap().is_err();
+        }
+        if hung {
+            break;
+        }
+    }
+    assert!(hung, "the audit FIFO never filled up");
+    served.terminate();
+    // Grace (1 s), the workers' margin (5 s), the audit file's close (10 s), the runtime (1 s).
+    let (status, log) = served.exit_within(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("workers did not stop in time"), "{log}");
+}
+
+#[tokio::test]
 async fn sigterm_right_after_start_is_a_clean_stop() {
     let setup = setup("").await;
     let served = Served::start(&setup.config, &[]);

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, EXPECT};
 use http::{HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use tower::{Layer, Service};
@@ -89,7 +89,13 @@ where
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
             if let Some(len) = declared.filter(|&len| len > max as u64) {
-                if len <= DISCARD_LIMIT as u64 {
+                // A client waiting for `100 Continue` has sent nothing yet; reading would ask it
+                // for the body (hyper sends the 100 when the body is first read).
+                let waits_to_send = parts
+                    .headers
+                    .get(EXPECT)
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+                if len <= DISCARD_LIMIT as u64 && !waits_to_send {
                     discard(std::pin::pin!(body), timeout).await;
                 }
                 return Ok(too_large(max, parts.version));
