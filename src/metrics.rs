@@ -103,6 +103,9 @@ impl Shards {
                     mine.entry(route).or_default().add(buckets);
                 }
             }
+            for (direction, n) in &counts.headers_dropped {
+                *total.headers_dropped.entry(direction).or_default() += n;
+            }
             for (caller, outcomes) in &counts.callers {
                 let mine = total.callers.entry(caller.clone()).or_default();
                 for (outcome, n) in outcomes {
@@ -142,6 +145,8 @@ struct Counts {
     upstream_duration: HashMap<&'static str, Buckets>,
     /// By caller name, then outcome.
     callers: HashMap<Arc<str>, HashMap<&'static str, u64>>,
+    /// By direction.
+    headers_dropped: HashMap<&'static str, u64>,
 }
 
 /// A duration histogram over [`DURATION_BUCKETS`] (and +Inf), in seconds.
@@ -224,6 +229,17 @@ impl Collector for PerRequest {
                 MetricType::Gauge,
             )?
             .encode_gauge(&in_flight)?;
+        let mut dropped = encoder.encode_descriptor(
+            "headers_dropped",
+            "Header values not on an allow-list, dropped; direction is request (to Datafold) or response (to the caller)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (direction, n) in &counts.headers_dropped {
+            dropped
+                .encode_family(&DirectionLabels { direction })?
+                .encode_counter::<NoLabelSet, _, u64>(n, None)?;
+        }
         let mut callers = encoder.encode_descriptor(
             "caller_requests",
             "Requests by authenticated caller (names from the config only)",
@@ -256,7 +272,6 @@ pub struct Metrics {
     pub key_reloads: Family<ResultLabels, Counter>,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub audit_write_errors: Counter,
-    pub headers_dropped: Family<DirectionLabels, Counter>,
     pub audit_suppressed: Counter,
     pub tls_handshake_failures: Counter,
     pub upstream_retries: Counter,
@@ -273,7 +288,6 @@ impl Default for Metrics {
             key_reloads: Family::default(),
             config_reloads: Family::default(),
             audit_write_errors: Counter::<u64, AtomicU64>::default(),
-            headers_dropped: Family::default(),
             audit_suppressed: Counter::default(),
             tls_handshake_failures: Counter::default(),
             upstream_retries: Counter::default(),
@@ -309,11 +323,6 @@ impl Metrics {
             "audit_write_errors",
             "Batches of audit records that could not be written",
             self.audit_write_errors.clone(),
-        );
-        registry.register(
-            "headers_dropped",
-            "Header values not on an allow-list, dropped; direction is request (to Datafold) or response (to the caller)",
-            self.headers_dropped.clone(),
         );
         registry.register(
             "audit_records_suppressed",
@@ -376,6 +385,17 @@ impl Metrics {
             *outcomes.entry(labels.outcome).or_default() += 1;
         }
         *counts.requests.entry(labels).or_default() += 1;
+    }
+
+    /// Counts header values dropped by an allow-list in `headers_dropped`; `direction` is
+    /// `request` (to Datafold) or `response` (to the caller).
+    pub fn headers_dropped(&self, direction: &'static str, dropped: u64) {
+        *self
+            .per_request
+            .lock()
+            .headers_dropped
+            .entry(direction)
+            .or_default() += dropped;
     }
 
     /// Counts an exchange with Datafold in `upstream_duration_seconds`.
@@ -465,6 +485,8 @@ mod tests {
         two.request_done(labels.clone(), Duration::from_millis(40), Some(&caller));
         two.request_done(labels, Duration::from_secs(60), None);
         two.upstream_done("test_result", Duration::from_millis(30));
+        one.headers_dropped("request", 2);
+        two.headers_dropped("request", 1);
         let _busy = one.request_started();
         let text = encode(&metrics.registry());
         for line in [
@@ -476,6 +498,7 @@ mod tests {
             "datafold_gateway_upstream_duration_seconds_count{route=\"test_result\"} 1",
             "datafold_gateway_caller_requests_total{caller=\"team-a\",outcome=\"forwarded\"} 2",
             "datafold_gateway_in_flight_requests 1",
+            "datafold_gateway_headers_dropped_total{direction=\"request\"} 3",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }

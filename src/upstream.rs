@@ -34,7 +34,7 @@ use tower::Service;
 use crate::audit::{AuditFacts, Outcome, TestSteps};
 use crate::config::{Config, UpstreamUrl};
 use crate::error::{self, UpstreamFailure};
-use crate::metrics::{DirectionLabels, KindLabels, Metrics};
+use crate::metrics::{KindLabels, Metrics};
 use crate::middleware::request_id::X_REQUEST_ID;
 use crate::middleware::route::Route;
 use crate::pool::Pool;
@@ -154,10 +154,7 @@ impl TestResults {
 impl Shared {
     fn count_dropped(&self, direction: &'static str, dropped: u64) {
         if dropped > 0 {
-            self.metrics
-                .headers_dropped
-                .get_or_create(&DirectionLabels { direction })
-                .inc_by(dropped);
+            self.metrics.headers_dropped(direction, dropped);
         }
     }
 
