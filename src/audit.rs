@@ -23,6 +23,8 @@ use std::time::SystemTime;
 use prometheus_client::metrics::counter::Counter;
 
 use serde::Serialize;
+
+use crate::datafold::TestSteps;
 use tokio::sync::Notify;
 
 /// What the gateway did with a request.
@@ -62,29 +64,8 @@ pub struct AuditFacts {
     pub job_id: Option<i64>,
     pub outcome: Option<Outcome>,
     pub limit: Option<Limit>,
-    pub upstream_status: Option<u16>,
-    /// A result poll's job status, as Datafold answered it (`done`, `failed`, ...).
-    pub test_status: Option<Box<str>>,
-    /// A result poll's per-step statuses.
-    pub test_steps: Option<TestSteps>,
     /// Refused for want of credentials: the audit samples these (see `audit_sampling.rs`).
     pub stranger: bool,
-}
-
-/// The status of each step of a connection test, in Datafold's order; audited as an object,
-/// `{"connection": "done", "temp_schema": "failed"}`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TestSteps(pub Vec<(Box<str>, Box<str>)>);
-
-impl Serialize for TestSteps {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap;
-        let mut map = s.serialize_map(Some(self.0.len()))?;
-        for (step, status) in &self.0 {
-            map.serialize_entry(step, status)?;
-        }
-        map.end()
-    }
 }
 
 impl AuditFacts {

@@ -22,11 +22,11 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 
 use crate::audit::AuditLog;
+use crate::callers::{CallerBook, SharedCallers};
 use crate::config::{ApiKeySource, Config};
 use crate::files;
+use crate::limits::{Limiters, SharedLimiters};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::middleware::caller::{CallerBook, SharedCallers};
-use crate::middleware::rate_limit::{Limiters, SharedLimiters};
 use crate::secret::{describe, ApiKey, SharedKey};
 use crate::stack::StackParts;
 

@@ -7,7 +7,8 @@
 //! The caller's request body arrives here read in full (by `middleware/read_body.rs`) and is sent
 //! with a `Content-Length` of the gateway's own counting, so however the caller framed its body,
 //! the upstream sees exactly one well-framed request. The answer is read in full too, within
-//! `upstream.timeout` and `limits.max_response_bytes`, so that its `job_id` can be audited.
+//! `upstream.timeout` and `limits.max_response_bytes`, so that what it says
+//! can be read ([`Answered`], in `datafold.rs`) for the job book and the audit.
 //!
 //! Headers cross by allow-list, both ways ([`AllowedHeaders`]): only what the gateway chose
 //! reaches Datafold (no `X-Forwarded-*`, method overrides or cookies), and only what it chose
@@ -23,16 +24,15 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, ACCEPT_ENCODING, CONNECTION, CONTENT_LENGTH};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
-use serde::Deserialize;
 use tower::Service;
 
-use crate::audit::{AuditFacts, Outcome, TestSteps};
 use crate::config::{Config, UpstreamUrl};
+use crate::datafold::Answered;
 use crate::error::{self, UpstreamFailure};
 use crate::metrics::{KindLabels, Metrics};
 use crate::middleware::request_id::X_REQUEST_ID;
@@ -114,40 +114,6 @@ impl Service<Request<Body>> for Forward {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let shared = self.shared.clone();
         Box::pin(async move { Ok(shared.forward(request).await) })
-    }
-}
-
-/// The start of a connection test, as Datafold answers it.
-#[derive(Deserialize)]
-struct TestStarted {
-    job_id: i64,
-}
-
-/// A connection test's results, as Datafold answers a poll; only what the audit needs.
-#[derive(Deserialize)]
-struct TestResults {
-    status: Box<str>,
-    #[serde(default)]
-    results: Vec<TestStep>,
-}
-
-#[derive(Deserialize)]
-struct TestStep {
-    step: Box<str>,
-    status: Box<str>,
-}
-
-impl TestResults {
-    fn into_facts(self, facts: &mut AuditFacts) {
-        facts.test_status = Some(self.status);
-        if !self.results.is_empty() {
-            facts.test_steps = Some(TestSteps(
-                self.results
-                    .into_iter()
-                    .map(|step| (step.step, step.status))
-                    .collect(),
-            ));
-        }
     }
 }
 
@@ -235,35 +201,15 @@ impl Shared {
             }
         };
 
-        let ok = parts.status == StatusCode::OK;
-        let job_id = match route {
-            Route::TestConnection { .. } if ok => serde_json::from_slice::<TestStarted>(&body)
-                .ok()
-                .map(|t| t.job_id),
-            _ => None,
-        };
-        let results = match route {
-            Route::TestResult { .. } if ok => serde_json::from_slice::<TestResults>(&body).ok(),
-            _ => None,
-        };
+        let started_test = matches!(route, Route::TestConnection { .. });
+        let answered = Answered::read(started_test, parts.status.as_u16(), &body);
         let status = parts.status;
         let (headers, dropped) = self.response_headers.keep(parts.headers);
         self.count_dropped("response", dropped);
         let mut response = Response::new(Body::from(body));
         *response.status_mut() = status;
         *response.headers_mut() = headers;
-        let status = status.as_u16();
-        let facts = response
-            .extensions_mut()
-            .get_or_insert_default::<AuditFacts>();
-        facts.outcome = Some(Outcome::Forwarded);
-        facts.upstream_status = Some(status);
-        if job_id.is_some() {
-            facts.job_id = job_id;
-        }
-        if let Some(results) = results {
-            results.into_facts(facts);
-        }
+        response.extensions_mut().insert(answered);
         response
     }
 }

@@ -28,10 +28,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
-use super::caller::Peer;
 use super::request_id::X_REQUEST_ID;
 use crate::audit::{bounded_path, AuditBatcher, AuditFacts, Outcome, Record};
 use crate::audit_sampling::{RefusalKind, RefusalSampler};
+use crate::callers::Peer;
+use crate::datafold::Answered;
 use crate::metrics::{self, Metrics, RequestLabels};
 use crate::{error, Body};
 
@@ -228,6 +229,9 @@ async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared)
         .extensions_mut()
         .remove::<AuditFacts>()
         .unwrap_or_default();
+    // Present when the request was forwarded and Datafold answered.
+    let answered = response.extensions_mut().remove::<Answered>();
+    let test = answered.as_ref().and_then(|a| a.test.as_ref());
     let target = seen.target();
     let (path, path_truncated) = bounded_path(&target);
     let record = Record {
@@ -240,13 +244,17 @@ async fn write_record(seen: Seen, mut response: Response<Body>, shared: &Shared)
         path_truncated,
         route: facts.route,
         data_source_id: facts.data_source_id,
-        job_id: facts.job_id,
+        job_id: facts.job_id.or(answered.as_ref().and_then(|a| a.job_id)),
         status: response.status().as_u16(),
-        outcome: facts.outcome.unwrap_or(Outcome::Rejected),
+        outcome: match (facts.outcome, &answered) {
+            (Some(outcome), _) => outcome,
+            (None, Some(_)) => Outcome::Forwarded,
+            (None, None) => Outcome::Rejected,
+        },
         limit: facts.limit,
-        upstream_status: facts.upstream_status,
-        test_status: facts.test_status.as_deref(),
-        test_steps: facts.test_steps.as_ref(),
+        upstream_status: answered.as_ref().map(|a| a.status),
+        test_status: test.map(|t| &*t.status),
+        test_steps: test.map(|t| &t.steps).filter(|steps| !steps.0.is_empty()),
         duration_ms: (seen.started.elapsed().as_secs_f64() * 1e6).round() / 1e3,
         suppressed: None,
     };
