@@ -6,7 +6,7 @@
 //! data source ids and unlisted certificate names never become labels: their number is unbounded.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -19,6 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use tokio_util::task::TaskTracker;
 
 use crate::audit::{Limit, Outcome};
 
@@ -65,22 +66,16 @@ const DURATION_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-/// Requests in flight, as the guard of [`Metrics::request_started`] counts them.
-pub struct InFlightGuard<'a>(&'a Shard);
-
-impl Drop for InFlightGuard<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Every worker's shard of the per-request metrics.
 #[derive(Debug, Default)]
 struct Shards(Mutex<Vec<Arc<Shard>>>);
 
 impl Shards {
-    fn add(&self) -> Arc<Shard> {
-        let shard = Arc::new(Shard::default());
+    fn add(&self, in_flight: TaskTracker) -> Arc<Shard> {
+        let shard = Arc::new(Shard {
+            in_flight,
+            counts: Mutex::default(),
+        });
         lock(&self.0).push(shard.clone());
         shard
     }
@@ -90,7 +85,7 @@ impl Shards {
         let mut total = Counts::default();
         let mut in_flight = 0;
         for shard in lock(&self.0).iter() {
-            in_flight += shard.in_flight.load(Ordering::Relaxed);
+            in_flight += shard.in_flight.len() as i64;
             let counts = shard.lock();
             for (labels, n) in &counts.requests {
                 *total.requests.entry(labels.clone()).or_default() += n;
@@ -119,9 +114,11 @@ impl Shards {
 
 /// One worker's per-request metrics. Its lock is taken by its worker once or twice per request
 /// and by a scrape: never contended on the request path, and on the worker's own cache lines.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shard {
-    in_flight: AtomicI64,
+    /// The worker's requests in flight: the same count its shutdown drains (see
+    /// `middleware/audit.rs`), read here at scrape time.
+    in_flight: TaskTracker,
     counts: Mutex<Counts>,
 }
 
@@ -281,7 +278,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let shards = Arc::new(Shards::default());
         Self {
-            per_request: shards.add(),
+            per_request: shards.add(TaskTracker::new()),
             shards,
             rate_limited: Family::default(),
             upstream_errors: Family::default(),
@@ -350,17 +347,13 @@ impl Metrics {
 
     /// A copy of these metrics for one worker: what every request counts goes to a shard of
     /// its own, which only that worker writes (and `/metrics` reads, summing all shards).
-    pub fn for_worker(&self) -> Self {
+    /// `in_flight_requests` is the sum of the workers' `requests`, the trackers their shutdown
+    /// waits on: one count of requests in flight, not a second one kept beside it.
+    pub fn for_worker(&self, requests: &TaskTracker) -> Self {
         Self {
-            per_request: self.shards.add(),
+            per_request: self.shards.add(requests.clone()),
             ..self.clone()
         }
-    }
-
-    /// Counts a request in `in_flight_requests` until the guard is dropped.
-    pub fn request_started(&self) -> InFlightGuard<'_> {
-        self.per_request.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlightGuard(&self.per_request)
     }
 
     /// Counts an answered request: `requests`, `request_duration_seconds` and, for a caller
@@ -474,7 +467,11 @@ mod tests {
     #[test]
     fn workers_count_apart_and_the_scrape_adds_them_up() {
         let metrics = Metrics::default();
-        let (one, two) = (metrics.for_worker(), metrics.for_worker());
+        let (tasks_one, tasks_two) = (TaskTracker::new(), TaskTracker::new());
+        let (one, two) = (
+            metrics.for_worker(&tasks_one),
+            metrics.for_worker(&tasks_two),
+        );
         let labels = RequestLabels {
             route: "test_result",
             status: 200,
@@ -487,7 +484,13 @@ mod tests {
         two.upstream_done("test_result", Duration::from_millis(30));
         one.headers_dropped("request", 2);
         two.headers_dropped("request", 1);
-        let _busy = one.request_started();
+        // Two requests in flight on one worker, one on the other, one of them over.
+        let _busy = [
+            tasks_one.track_future(std::future::pending::<()>()),
+            tasks_one.track_future(std::future::pending::<()>()),
+            tasks_two.track_future(std::future::pending::<()>()),
+        ];
+        drop(tasks_two.track_future(std::future::pending::<()>()));
         let text = encode(&metrics.registry());
         for line in [
             "datafold_gateway_requests_total{route=\"test_result\",status=\"200\",outcome=\"forwarded\"} 3",
@@ -497,7 +500,7 @@ mod tests {
             "datafold_gateway_request_duration_seconds_bucket{le=\"+Inf\",route=\"test_result\"} 3",
             "datafold_gateway_upstream_duration_seconds_count{route=\"test_result\"} 1",
             "datafold_gateway_caller_requests_total{caller=\"team-a\",outcome=\"forwarded\"} 2",
-            "datafold_gateway_in_flight_requests 1",
+            "datafold_gateway_in_flight_requests 3",
             "datafold_gateway_headers_dropped_total{direction=\"request\"} 3",
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");

@@ -443,7 +443,7 @@ impl Worker {
         let config = parts.config.clone();
         // The worker's own: shutdown waits for, and past its grace cancels, its requests only.
         let tasks = RequestTasks::default();
-        let metrics = parts.metrics.for_worker();
+        let metrics = parts.metrics.for_worker(&tasks.tracker);
         let parts = StackParts {
             tasks: tasks.clone(),
             // Its connections are opened, and driven, on this worker's runtime.
@@ -732,7 +732,9 @@ async fn serve_connection<I, S, B>(
     }
 }
 
-/// Requests in flight on one connection, and when the last one finished.
+/// Requests in flight on one connection, and when the last one finished: what the connection's
+/// idle and first-request deadlines are measured from. A per-connection fact, kept on the
+/// connection; the gateway's count of requests in flight is the workers' trackers.
 struct Activity {
     opened: Instant,
     /// Whether any request has started on this connection yet.

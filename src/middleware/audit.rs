@@ -164,7 +164,6 @@ where
         // Counted by the tracker from the start (without a task of its own), so that shutdown
         // waits for every request: inline, moved to a task, or in an HTTP/2 stream's task.
         let work = Box::pin(self.shared.tasks.tracker.track_future(async move {
-            let _in_flight = shared.metrics.request_started();
             // A panic is a bug, but the request it cut short is still audited and answered.
             let work = std::panic::AssertUnwindSafe(work).catch_unwind();
             let response = tokio::select! {

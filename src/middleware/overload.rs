@@ -1,10 +1,17 @@
-//! Sheds load: past `limits.max_concurrent_requests` requests in flight, answers 503
+//! Sheds load: past `limits.max_concurrent_requests` admitted requests in flight, answers 503
 //! `overloaded` at once instead of queueing callers behind a slow upstream.
 //!
 //! tower's `ConcurrencyLimit` waits in `poll_ready` and `LoadShed` turns that into an error; the
 //! refusal here must be an audited JSON answer, so the place is taken in `call`. Nobody ever
 //! waits for a place, so a count is all it takes: one atomic add to enter and one to leave, where
 //! a semaphore would take a lock to give its permit back.
+//!
+//! This is a count of its own on purpose. The gateway's count of requests in flight (the
+//! workers' trackers: what shutdown drains and `in_flight_requests` reports) holds every request
+//! from its first byte, strangers' refusals and bodies being read included. Shedding by it would
+//! let requests that are not admitted (unauthenticated, or still trickling a body in) take the
+//! places of callers' forwarded requests. The places here are taken only by requests that have
+//! passed the caller check and the body read, where the layer sits in the stack.
 
 use std::convert::Infallible;
 use std::future::Future;
