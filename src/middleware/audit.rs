@@ -6,42 +6,29 @@
 //! ids, outcome, limit, upstream status). The facts are taken off the response: they are
 //! internal and never leave the gateway.
 //!
-//! Each request runs to its end: in its connection's task while the caller waits, and in a task
-//! of its own, tracked by [`RequestTasks`], if the caller hangs up. A test that Datafold may
-//! already have started is not cancelled by a hang-up, and its record still says what happened.
-//! Only shutdown cancels requests, once `limits.shutdown_grace` has run out; they are answered
-//! 503 and audited with outcome `aborted`.
+//! How long a request lives (to its end even if the caller hangs up, tracked for shutdown,
+//! cancelled only past the shutdown grace, a panic answered) is `request_task.rs`: this layer
+//! hands it the request's work and the writing of its record as one future.
 
 use std::borrow::Cow;
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use futures_util::FutureExt;
 use std::net::IpAddr;
 
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tower::{Layer, Service};
 
 use super::request_id::X_REQUEST_ID;
+use super::request_task::{guarded, RequestTasks, RunToEnd};
 use crate::audit::{bounded_path, AuditBatcher, AuditFacts, Outcome, Record};
 use crate::audit_sampling::{RefusalKind, RefusalSampler};
 use crate::callers::Peer;
 use crate::datafold::Answered;
 use crate::metrics::{self, Metrics, RequestLabels};
-use crate::{error, Body};
-
-/// The requests being handled, for shutdown to wait for or, past its grace, cancel.
-#[derive(Debug, Clone, Default)]
-pub struct RequestTasks {
-    pub tracker: TaskTracker,
-    pub cancel: CancellationToken,
-}
+use crate::Body;
 
 #[derive(Debug, Clone)]
 pub struct AuditLayer {
@@ -141,7 +128,7 @@ where
 {
     type Response = Response<Body>;
     type Error = Infallible;
-    type Future = Audited;
+    type Future = RunToEnd;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -161,63 +148,15 @@ where
         };
         let work = self.inner.call(request);
         let shared = self.shared.clone();
-        // Counted by the tracker from the start (without a task of its own), so that shutdown
-        // waits for every request: inline, moved to a task, or in an HTTP/2 stream's task.
-        let work = Box::pin(self.shared.tasks.tracker.track_future(async move {
-            // A panic is a bug, but the request it cut short is still audited and answered.
-            let work = std::panic::AssertUnwindSafe(work).catch_unwind();
-            let response = tokio::select! {
-                result = work => match result {
-                    Ok(Ok(response)) => response,
-                    Err(_) => {
-                        let target = seen.target();
-                        let (path, _) = bounded_path(&target);
-                        tracing::error!(path, "a request handler panicked");
-                        error::internal_error()
-                    }
-                },
-                () = shared.tasks.cancel.cancelled() => error::shutting_down(),
-            };
+        RunToEnd::new(&self.shared.tasks, async move {
+            let response = guarded(work, &shared.tasks.cancel, || {
+                let target = seen.target();
+                let (path, _) = bounded_path(&target);
+                tracing::error!(path, "a request handler panicked");
+            })
+            .await;
             write_record(seen, response, &shared).await
-        }));
-        Audited { work: Some(work) }
-    }
-}
-
-/// A request and its audit record, run in the connection's own task. Should the caller hang up
-/// first (the future is dropped unfinished), the rest of the work moves to a task of its own,
-/// tracked for shutdown: the request still runs to its end and is audited. Running inline
-/// otherwise spares every request a task of its own and the wake-ups between the two. The work
-/// is boxed because that move needs it: a pinned future can only change hands behind a pointer.
-pub struct Audited {
-    work: Option<Pin<Box<dyn Future<Output = Response<Body>> + Send>>>,
-}
-
-impl Future for Audited {
-    type Output = Result<Response<Body>, Infallible>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(work) = self.work.as_mut() else {
-            return Poll::Ready(Ok(error::internal_error()));
-        };
-        let response = std::task::ready!(work.as_mut().poll(cx));
-        self.work = None;
-        Poll::Ready(Ok(response))
-    }
-}
-
-impl Drop for Audited {
-    fn drop(&mut self) {
-        if let Some(work) = self.work.take() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    runtime.spawn(work);
-                }
-                Err(_) => tracing::error!(
-                    "a request cut off outside the runtime was dropped unfinished; its audit record is missing"
-                ),
-            }
-        }
+        })
     }
 }
 

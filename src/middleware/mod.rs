@@ -14,6 +14,7 @@ pub mod overload;
 pub mod rate_limit;
 pub mod read_body;
 pub mod request_id;
+pub mod request_task;
 pub mod route;
 
 use std::convert::Infallible;
