@@ -237,11 +237,24 @@ mod tests {
     use http::StatusCode;
     use tower::ServiceExt;
 
-    #[tokio::test]
-    async fn record_combines_request_and_inner_facts() {
+    /// `inner` behind the audit layer, writing to a fresh audit file; the file's folder must be
+    /// kept for as long as the file is used.
+    fn audited<S>(inner: S) -> (tempfile::TempDir, std::path::PathBuf, AuditLog, Audit<S>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&path, crate::audit::WriterOptions::default()).unwrap();
+        let service = AuditLayer::new(
+            log.batcher(),
+            RequestTasks::default(),
+            Metrics::default(),
+            Arc::default(),
+        )
+        .layer(inner);
+        (dir, path, log, service)
+    }
+
+    #[tokio::test]
+    async fn record_combines_request_and_inner_facts() {
         let inner = tower::service_fn(|_: Request<Body>| async {
             let mut response = Response::new(Body::default());
             *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
@@ -255,13 +268,7 @@ mod tests {
             });
             Ok::<_, Infallible>(response)
         });
-        let service = AuditLayer::new(
-            log.batcher(),
-            RequestTasks::default(),
-            Metrics::default(),
-            Arc::default(),
-        )
-        .layer(inner);
+        let (_dir, path, log, service) = audited(inner);
         let mut request = Request::builder()
             .method("POST")
             .uri("/api/v1/data_sources/42/test?x=1")
@@ -295,22 +302,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_panicking_request_is_answered_500_and_still_audited() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, crate::audit::WriterOptions::default()).unwrap();
         let inner = tower::service_fn(|_: Request<Body>| async {
             if true {
                 panic!("a bug");
             }
             Ok::<_, Infallible>(Response::new(Body::default()))
         });
-        let service = AuditLayer::new(
-            log.batcher(),
-            RequestTasks::default(),
-            Metrics::default(),
-            Arc::default(),
-        )
-        .layer(inner);
+        let (_dir, path, log, service) = audited(inner);
         let response = service
             .oneshot(Request::new(Body::default()))
             .await

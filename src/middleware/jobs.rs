@@ -220,40 +220,38 @@ mod tests {
         );
     }
 
+    /// After analytics started job 7 on data source 42: the statuses of a poll of job 7 by
+    /// analytics and by billing, and of unknown job 8 by billing, each with the data source
+    /// its audit record names.
+    async fn polls_after_a_start(owners_only: bool) -> [(u16, Option<i64>); 3] {
+        let book = book(10);
+        let start = Route::TestConnection { data_source_id: 42 };
+        send(&book, owners_only, "analytics", start).await;
+        let mut answers = [(0, None); 3];
+        for (answer, (caller, job_id)) in
+            answers
+                .iter_mut()
+                .zip([("analytics", 7), ("billing", 7), ("billing", 8)])
+        {
+            let response = send(&book, owners_only, caller, Route::TestResult { job_id }).await;
+            *answer = (response.status().as_u16(), data_source_of(&response));
+        }
+        answers
+    }
+
     #[tokio::test]
     async fn only_the_owner_reads_a_job() {
-        let book = book(10);
-        send(
-            &book,
-            true,
-            "analytics",
-            Route::TestConnection { data_source_id: 42 },
-        )
-        .await;
-        let own = send(&book, true, "analytics", Route::TestResult { job_id: 7 }).await;
-        assert_eq!(own.status(), 200);
-        assert_eq!(data_source_of(&own), Some(42));
-        let other = send(&book, true, "billing", Route::TestResult { job_id: 7 }).await;
-        assert_eq!(other.status(), 404);
-        assert_eq!(data_source_of(&other), Some(42));
-        let unknown = send(&book, true, "analytics", Route::TestResult { job_id: 8 }).await;
-        assert_eq!(unknown.status(), 404);
+        assert_eq!(
+            polls_after_a_start(true).await,
+            [(200, Some(42)), (404, Some(42)), (404, None)]
+        );
     }
 
     #[tokio::test]
     async fn shared_results_are_read_by_anyone_and_still_audited() {
-        let book = book(10);
-        send(
-            &book,
-            false,
-            "analytics",
-            Route::TestConnection { data_source_id: 42 },
-        )
-        .await;
-        let other = send(&book, false, "billing", Route::TestResult { job_id: 7 }).await;
-        assert_eq!(other.status(), 200);
-        assert_eq!(data_source_of(&other), Some(42));
-        let unknown = send(&book, false, "billing", Route::TestResult { job_id: 8 }).await;
-        assert_eq!(unknown.status(), 200);
+        assert_eq!(
+            polls_after_a_start(false).await,
+            [(200, Some(42)), (200, Some(42)), (200, None)]
+        );
     }
 }
