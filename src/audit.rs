@@ -797,6 +797,14 @@ impl std::error::Error for AuditError {}
 mod tests {
     use super::*;
 
+    /// An audit log on `audit.jsonl` in a new folder, which must be kept while the log is used.
+    fn fresh_log() -> (tempfile::TempDir, PathBuf, AuditLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        (dir, path, log)
+    }
+
     fn record(status: u16) -> Record<'static> {
         Record {
             ts: humantime::parse_rfc3339("2026-12-01T00:00:00Z").unwrap(),
@@ -817,9 +825,7 @@ mod tests {
 
     #[tokio::test]
     async fn record_is_in_the_file_when_append_returns() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (_dir, path, log) = fresh_log();
         assert!(log.append(&record(200)).await);
         let text = std::fs::read_to_string(&path).unwrap();
         let value: serde_json::Value = serde_json::from_str(text.trim_end()).unwrap();
@@ -831,9 +837,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_appends_each_get_one_whole_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (_dir, path, log) = fresh_log();
         let tasks: Vec<_> = (0..200u16)
             .map(|i| {
                 let log = log.clone();
@@ -844,24 +848,12 @@ mod tests {
             assert!(task.await.unwrap());
         }
         log.close().await;
-        let text = std::fs::read_to_string(&path).unwrap();
-        let mut statuses: Vec<u64> = text
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["status"]
-                    .as_u64()
-                    .unwrap()
-            })
-            .collect();
-        statuses.sort();
-        assert_eq!(statuses, (200..400).collect::<Vec<u64>>());
+        assert_eq!(statuses(&path), (200..400).collect::<Vec<u64>>());
     }
 
     #[tokio::test]
     async fn reopen_moves_later_records_to_a_new_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (dir, path, log) = fresh_log();
         assert!(log.append(&record(200)).await);
         let rotated = dir.path().join("audit.jsonl.1");
         std::fs::rename(&path, &rotated).unwrap();
@@ -889,9 +881,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_half_written_line_does_not_swallow_the_next_record() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (_dir, path, log) = fresh_log();
         assert!(log.append(&record(200)).await);
         // As a write cut short by a full disk leaves it.
         std::fs::OpenOptions::new()
@@ -928,9 +918,7 @@ mod tests {
 
     #[tokio::test]
     async fn records_made_in_one_turn_share_one_write_and_wait_for_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (_dir, path, log) = fresh_log();
         let batcher = log.batcher();
         // All made ready together, as requests answered in one turn of a worker's event loop.
         let tasks: Vec<_> = (0..50u16)
@@ -957,9 +945,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_cut_at_its_size_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (_dir, path, log) = fresh_log();
         let batcher = log.batcher();
         let long = "/x".repeat(2048);
         // About 4 KiB each: 100 of them are past one batch's 256 KiB.
@@ -981,9 +967,7 @@ mod tests {
 
     #[tokio::test]
     async fn records_waiting_in_a_batcher_at_reopen_go_to_the_old_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (dir, path, log) = fresh_log();
         let batcher = log.batcher();
         let rotated = dir.path().join("audit.jsonl.1");
         std::fs::rename(&path, &rotated).unwrap();
@@ -1000,9 +984,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_writes_what_is_waiting_then_refuses_every_append() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (_dir, path, log) = fresh_log();
         let batcher = log.batcher();
         let waiting = batcher.append(&record(200));
         // Directly, so that the flush task gets no turn first: the close must write it.
@@ -1018,9 +1000,7 @@ mod tests {
 
     #[test]
     fn a_worker_that_stops_fails_its_waiting_records_instead_of_hanging() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        let (_dir, _, log) = fresh_log();
         let worker = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
