@@ -1,6 +1,6 @@
 //! The gateway as a real process: start-up errors, exit codes, signals, and what it logs.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! What an operator relies on: metrics that move, key rotation without a restart, audit file
 //! reopening, and what happens while the audit cannot be written.
 
-mod common;
+use crate::common;
 
 use std::num::NonZeroU32;
 use std::path::Path;

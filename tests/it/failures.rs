@@ -1,6 +1,6 @@
 //! Broken upstreams and hostile clients: the gateway answers, never hangs, never dies.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,6 @@
 //! Rate limits and the audit trail, seen from a caller and from the audit file.
 
-mod common;
+use crate::common;
 
 use std::num::NonZeroU32;
 
