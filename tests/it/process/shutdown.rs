@@ -5,19 +5,26 @@ use std::time::Duration;
 
 use super::harness::{send, setup};
 use crate::common::serve::Served;
-use crate::common::{read_audit, wait_for_upstream};
+use crate::common::{held_at_gate, read_audit};
 
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     let setup = setup("[limits]\nshutdown_grace = \"20s\"\n").await;
-    setup.upstream.set_delay(Duration::from_millis(1500));
+    setup.upstream.close_gate();
     let served = Served::start(&setup.config, &[]);
     let addr = served.addr.clone();
     let in_flight =
         tokio::spawn(async move { send(&addr, "POST", "/api/v1/data_sources/7/test", &[]).await });
-    // SIGTERM only once the request is in flight: it has reached the upstream.
-    wait_for_upstream(&setup.upstream).await;
+    // SIGTERM only once the request is in flight: it is held at the upstream...
+    held_at_gate(&setup.upstream, 1).await;
     served.terminate();
+    // ...and answered only once the gateway has begun to shut down.
+    served.wait_for_line("shutting down", |line| {
+        line["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("shutting down"))
+    });
+    setup.upstream.open_gate();
     assert_eq!(in_flight.await.unwrap(), 200);
     let (status, log) = served.wait();
     assert!(status.success(), "exit {status}; log:\n{log}");
