@@ -98,9 +98,13 @@ async fn token_mode_keeps_tokens_out_of_logs_audit_and_upstream() {
     }
 }
 
-#[tokio::test]
-async fn pretty_log_format_is_text_and_log_level_is_obeyed() {
-    let setup = setup("[log]\nformat = \"pretty\"\nlevel = \"info\"\n").await;
+/// Runs `serve` with the pretty log format at `level`, has it answer one test start, stops it,
+/// and returns its "listening" line and every line after it.
+async fn pretty_log_at(level: &str) -> (String, Vec<String>) {
+    let setup = setup(&format!(
+        "[log]\nformat = \"pretty\"\nlevel = \"{level}\"\n"
+    ))
+    .await;
     let mut child = Command::new(BIN)
         .args(["serve", "--config", &setup.config])
         .env_remove("RUST_LOG")
@@ -109,20 +113,38 @@ async fn pretty_log_format_is_text_and_log_level_is_obeyed() {
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines().map_while(Result::ok);
-    let listening = lines.find(|l| l.contains("listening"));
+    let listening = lines
+        .find(|l| l.contains("listening"))
+        .expect("no listening line");
+    let addr = listening
+        .split_whitespace()
+        .find_map(|field| field.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr= in {listening}"))
+        .to_owned();
+    assert_eq!(
+        send(&addr, "POST", "/api/v1/data_sources/1/test", &[]).await,
+        200
+    );
     let pid = libc::pid_t::try_from(child.id()).unwrap();
     // SAFETY: kill(2) with a pid we spawned and have not waited for.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
     let rest: Vec<String> = lines.collect();
     assert!(child.wait().unwrap().success());
-    let listening = listening.expect("no listening line");
+    (listening, rest)
+}
+
+#[tokio::test]
+async fn pretty_log_format_is_text_and_log_level_is_obeyed() {
+    let (listening, rest) = pretty_log_at("info").await;
     assert!(
         serde_json::from_str::<serde_json::Value>(&listening).is_err(),
         "{listening}"
     );
     assert!(listening.contains("INFO"), "{listening}");
-    // `info` hides the per-request debug spans that RUST_LOG=trace shows elsewhere.
+    // `info` hides the per-request debug lines that `debug` shows for the same request.
     assert!(rest.iter().all(|l| !l.contains("DEBUG")), "{rest:?}");
+    let (_, rest) = pretty_log_at("debug").await;
+    assert!(rest.iter().any(|l| l.contains("DEBUG")), "{rest:?}");
 }
 
 #[tokio::test]
