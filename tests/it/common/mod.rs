@@ -1,6 +1,5 @@
 //! Shared harness for the integration tests: a Datafold stand-in over real TLS with a throwaway
 //! CA, and the gateway in front of it, both on ephemeral loopback ports.
-#![allow(dead_code)]
 
 pub mod serve;
 
