@@ -5,6 +5,10 @@
 //! request without the expected `Authorization: Key <key>` with 401 (so a broken key injection
 //! shows at once), and records every request it receives so tests can check what reached it.
 //! Data source 13 is the one whose connection fails, to have something to show.
+//!
+//! A test that needs requests in flight closes the stand-in's gate ([`StandIn::close_gate`]):
+//! requests are then recorded and held until the test opens it, and the test can wait until a
+//! given number are held ([`StandIn::held`]) instead of sleeping and hoping.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -27,6 +31,7 @@ use rcgen::{
 use rustls::ServerConfig;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -165,6 +170,10 @@ struct State {
     next_job: AtomicI64,
     delay_ms: AtomicU64,
     connections: AtomicU64,
+    /// Whether requests may be answered (`true`) or must wait at the gate.
+    gate_open: watch::Sender<bool>,
+    /// How many requests are waiting at the gate now.
+    held: watch::Sender<usize>,
 }
 
 impl StandIn {
@@ -179,6 +188,8 @@ impl StandIn {
             next_job: AtomicI64::new(1001),
             delay_ms: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            gate_open: watch::Sender::new(true),
+            held: watch::Sender::new(0),
         });
         let acceptor = TlsAcceptor::from(tls);
         let task = tokio::spawn(accept_loop(listener, acceptor, state.clone()));
@@ -204,7 +215,25 @@ impl StandIn {
         self.state.connections.load(Ordering::Relaxed)
     }
 
-    /// Makes every answer wait this long first, to stand in for a slow upstream.
+    /// Holds every request received from now on, once recorded, until [`open_gate`](Self::open_gate).
+    pub fn close_gate(&self) {
+        self.state.gate_open.send_replace(false);
+    }
+
+    /// Lets the held requests, and every later one, be answered.
+    pub fn open_gate(&self) {
+        self.state.gate_open.send_replace(true);
+    }
+
+    /// Resolves once at least `count` requests are waiting at the closed gate.
+    pub async fn held(&self, count: usize) {
+        let mut held = self.state.held.subscribe();
+        // The sender lives in `state`, which `self` keeps: this cannot fail.
+        let _ = held.wait_for(|held| *held >= count).await;
+    }
+
+    /// Makes every answer wait this long first, to stand in for an upstream slower than the
+    /// gateway's timeout. To keep requests in flight for as long as a test needs, use the gate.
     pub fn set_delay(&self, delay: Duration) {
         self.state
             .delay_ms
@@ -269,6 +298,7 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
         headers: parts.headers.clone(),
         body,
     });
+    wait_at_gate(state).await;
     let delay = state.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -323,6 +353,24 @@ async fn answer(state: &State, request: Request<Incoming>) -> Response<Full<Byte
             serde_json::json!({"detail": "Not Found"}),
         ),
     }
+}
+
+/// Waits while the gate is closed, counted in `held` until it opens or the request is dropped
+/// (the gateway gave up on it).
+async fn wait_at_gate(state: &State) {
+    let mut open = state.gate_open.subscribe();
+    if *open.borrow_and_update() {
+        return;
+    }
+    struct Held<'a>(&'a watch::Sender<usize>);
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.0.send_modify(|held| *held -= 1);
+        }
+    }
+    state.held.send_modify(|held| *held += 1);
+    let _held = Held(&state.held);
+    let _ = open.wait_for(|open| *open).await;
 }
 
 /// A finished test's results: connection fails for data source 13, succeeds otherwise.

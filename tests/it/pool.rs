@@ -2,8 +2,6 @@
 //! connection limit, HTTP/2 negotiation, and sending a request twice only when the upstream
 //! provably never saw it.
 
-mod common;
-
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

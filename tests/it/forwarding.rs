@@ -1,6 +1,6 @@
 //! What reaches Datafold, and what never does: over real sockets, with the stand-in behind TLS.
 
-mod common;
+use crate::common;
 
 use bytes::Bytes;
 use common::{json, Harness, API_KEY};

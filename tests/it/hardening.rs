@@ -1,7 +1,7 @@
 //! A shared gateway against a hostile client or a misbehaving upstream: strangers cost the
 //! callers nothing, and only what the gateway chose crosses it, either way.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! Authenticated callers over real TLS: bearer tokens, client certificates, per-caller limits
 //! and job ownership.
 
-mod common;
+use crate::common;
 
 use std::num::NonZeroU32;
 

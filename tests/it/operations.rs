@@ -1,7 +1,7 @@
 //! What an operator relies on: metrics that move, key rotation without a restart, audit file
 //! reopening, and what happens while the audit cannot be written.
 
-mod common;
+use crate::common;
 
 use std::num::NonZeroU32;
 use std::path::Path;
@@ -334,16 +334,16 @@ async fn forwarding_resumes_once_a_reopened_audit_file_takes_records() {
 #[tokio::test]
 async fn a_request_in_flight_keeps_the_key_it_started_with() {
     let h = Harness::start(|_| {}).await;
-    h.upstream.set_delay(Duration::from_millis(500));
+    h.upstream.close_gate();
     let in_flight = h.spawn_post(START);
-    common::wait_for_upstream(&h.upstream).await;
+    common::held_at_gate(&h.upstream, 1).await;
     // Rotated while the request waits on Datafold; the stand-in only knows the old key.
     let key_file = h.dir.path().join("datafold-api-key");
     std::fs::write(&key_file, format!("{NEW_KEY}\n")).unwrap();
     // (The folder watch may get there first; either way the new key is in effect after this.)
     h.control.reload_key().await.unwrap();
+    h.upstream.open_gate();
     assert_eq!(in_flight.await.unwrap().unwrap(), 200);
-    h.upstream.set_delay(Duration::ZERO);
     assert_eq!(
         upstream_status(&h).await,
         401,

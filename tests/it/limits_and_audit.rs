@@ -1,6 +1,6 @@
 //! Rate limits and the audit trail, seen from a caller and from the audit file.
 
-mod common;
+use crate::common;
 
 use std::num::NonZeroU32;
 
@@ -234,7 +234,11 @@ async fn audit_record_is_written_before_the_answer_is_released() {
 
 #[tokio::test]
 async fn oversized_and_shed_requests_are_audited_with_their_caller() {
-    let mut h = Harness::start(|c| c.limits.max_body_bytes = 16).await;
+    let mut h = Harness::start(|c| {
+        c.limits.max_body_bytes = 16;
+        c.limits.max_concurrent_requests = 1;
+    })
+    .await;
     let request = http::Request::post(h.url("/api/v1/data_sources/9/test"))
         .body(http_body_util::Full::new(bytes::Bytes::from(vec![
             b'x';
@@ -242,11 +246,23 @@ async fn oversized_and_shed_requests_are_audited_with_their_caller() {
         ])))
         .unwrap();
     assert_eq!(h.send(request).await.0.status(), 413);
+    // One request held at the upstream takes the only slot, so the next one is shed.
+    h.upstream.close_gate();
+    let holding = h.spawn_post("/api/v1/data_sources/10/test");
+    common::held_at_gate(&h.upstream, 1).await;
+    assert_eq!(h.post("/api/v1/data_sources/11/test").await.0.status(), 503);
+    h.upstream.open_gate();
+    assert_eq!(holding.await.unwrap().unwrap(), 200);
     h.shutdown().await;
-    let record = &h.audit()[0];
-    assert_eq!(record["status"], 413);
-    assert_eq!(record["outcome"], "rejected");
-    assert_eq!(record["caller"], "127.0.0.1");
-    assert_eq!(record["route"], "test_connection");
-    assert_eq!(record["data_source_id"], 9);
+    let audit = h.audit();
+    for (status, data_source_id) in [(413, 9), (503, 11)] {
+        let record = audit
+            .iter()
+            .find(|r| r["status"] == status)
+            .unwrap_or_else(|| panic!("no {status} record: {audit:?}"));
+        assert_eq!(record["outcome"], "rejected", "{record}");
+        assert_eq!(record["caller"], "127.0.0.1", "{record}");
+        assert_eq!(record["route"], "test_connection", "{record}");
+        assert_eq!(record["data_source_id"], data_source_id, "{record}");
+    }
 }

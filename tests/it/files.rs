@@ -3,7 +3,7 @@
 //! freezing the listeners or shutdown, or filling memory; a key file others can read is warned
 //! about.
 
-mod common;
+use crate::common;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;

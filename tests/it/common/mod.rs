@@ -1,6 +1,5 @@
 //! Shared harness for the integration tests: a Datafold stand-in over real TLS with a throwaway
 //! CA, and the gateway in front of it, both on ephemeral loopback ports.
-#![allow(dead_code)]
 
 pub mod serve;
 
@@ -173,16 +172,12 @@ impl Harness {
     }
 }
 
-/// Waits (up to 10 s) until the upstream has received a request: the request is then in flight.
-pub async fn wait_for_upstream(upstream: &StandIn) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while upstream.received().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no request reached the upstream"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+/// Waits (up to 10 s) until `count` requests are held at the upstream's closed gate
+/// ([`StandIn::close_gate`]): they are in flight, and stay so until the test opens it.
+pub async fn held_at_gate(upstream: &StandIn, count: usize) {
+    tokio::time::timeout(Duration::from_secs(10), upstream.held(count))
+        .await
+        .unwrap_or_else(|_| panic!("{count} requests were not held at the upstream within 10 s"));
 }
 
 pub fn read_audit(path: &Path) -> Vec<serde_json::Value> {

@@ -1,10 +1,10 @@
 //! Broken upstreams and hostile clients: the gateway answers, never hangs, never dies.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{config_for, json, wait_for_upstream, Harness, API_KEY};
+use common::{config_for, held_at_gate, json, Harness, API_KEY};
 use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -187,13 +187,14 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout() {
 #[tokio::test]
 async fn requests_past_max_concurrent_are_shed_with_503() {
     let mut h = Harness::start(|c| c.limits.max_concurrent_requests = 1).await;
-    h.upstream.set_delay(Duration::from_secs(3));
+    h.upstream.close_gate();
     let slow = h.spawn_post("/api/v1/data_sources/1/test");
-    // Once the slow request has reached the upstream, it holds the only slot.
-    wait_for_upstream(&h.upstream).await;
+    // While the first request is held at the upstream, it holds the only slot.
+    held_at_gate(&h.upstream, 1).await;
     let (response, body) = h.post("/api/v1/data_sources/2/test").await;
     assert_eq!(response.status(), 503);
     assert_eq!(json(&body)["code"], "overloaded");
+    h.upstream.open_gate();
     assert_eq!(slow.await.unwrap().unwrap(), 200);
     h.shutdown().await;
     let shed = h.audit().into_iter().find(|r| r["status"] == 503).unwrap();
@@ -322,15 +323,24 @@ async fn half_sent_second_request_on_a_kept_alive_connection_is_disconnected() {
 #[tokio::test]
 async fn a_caller_hanging_up_does_not_lose_the_audit_record() {
     let mut h = Harness::start(|_| {}).await;
-    h.upstream.set_delay(Duration::from_millis(500));
+    h.upstream.close_gate();
     let mut stream = TcpStream::connect(h.addr).await.unwrap();
     stream
         .write_all(b"POST /api/v1/data_sources/21/test HTTP/1.1\r\nhost: gw\r\ncontent-length: 2\r\n\r\n{}")
         .await
         .unwrap();
-    wait_for_upstream(&h.upstream).await;
-    // Datafold has the request; the caller leaves before the answer.
-    drop(stream);
+    held_at_gate(&h.upstream, 1).await;
+    // Datafold has the request; the caller leaves before the answer, and the gateway sees it go:
+    // it closes the connection without a word.
+    stream.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    assert!(
+        read.is_ok(),
+        "the gateway kept the connection of a caller that left"
+    );
+    assert!(answer.is_empty(), "{}", String::from_utf8_lossy(&answer));
+    h.upstream.open_gate();
     h.shutdown().await;
     let audit = h.audit();
     assert_eq!(audit.len(), 1, "{audit:?}");
@@ -342,9 +352,10 @@ async fn a_caller_hanging_up_does_not_lose_the_audit_record() {
 #[tokio::test]
 async fn requests_still_running_when_the_grace_ends_are_audited_as_aborted() {
     let mut h = Harness::start(|c| c.limits.shutdown_grace = Duration::from_millis(300)).await;
-    h.upstream.set_delay(Duration::from_secs(30));
+    // Held at the upstream for good: the gate is never opened.
+    h.upstream.close_gate();
     let caller = h.spawn_post("/api/v1/data_sources/5/test");
-    wait_for_upstream(&h.upstream).await;
+    held_at_gate(&h.upstream, 1).await;
     let started = Instant::now();
     h.shutdown().await;
     assert!(
@@ -363,9 +374,9 @@ async fn requests_still_running_when_the_grace_ends_are_audited_as_aborted() {
 #[tokio::test]
 async fn readyz_turns_503_while_requests_drain() {
     let mut h = Harness::start(|_| {}).await;
-    h.upstream.set_delay(Duration::from_secs(2));
+    h.upstream.close_gate();
     let in_flight = h.spawn_post("/api/v1/data_sources/5/test");
-    wait_for_upstream(&h.upstream).await;
+    held_at_gate(&h.upstream, 1).await;
     h.begin_shutdown();
     let mut status = String::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -383,6 +394,7 @@ async fn readyz_turns_503_while_requests_drain() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert!(status.starts_with("HTTP/1.1 503"), "{status}");
+    h.upstream.open_gate();
     assert_eq!(in_flight.await.unwrap().unwrap(), 200);
     h.shutdown().await;
 }
