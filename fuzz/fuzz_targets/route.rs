@@ -19,7 +19,7 @@ const METHODS: [Method; 6] = [
 ];
 
 /// An optional sign, then ASCII digits only; its value if it fits an `i64`. Independent of
-/// `str::parse`, which the parser uses. The same oracle as in `tests/properties.rs` (this crate
+/// `str::parse`, which the parser uses. The same oracle as in `tests/it/properties.rs` (this crate
 /// stands apart from the test suite): change both together.
 fn integer_spelling(segment: &str) -> Option<i64> {
     let (negative, digits) = match segment.as_bytes().first()? {
