@@ -6,10 +6,9 @@
 
 pub mod admin;
 pub mod audit;
-pub mod audit_query;
 pub mod audit_sampling;
+pub mod cli;
 pub mod config;
-pub mod demo;
 pub mod error;
 pub mod files;
 pub mod metrics;
