@@ -1,4 +1,5 @@
-//! The command line. Everything else is in the library.
+//! The command line: parsed here, then handed to `serve` below (the gateway) or to a subcommand
+//! in `cli/` (the tools around it). Everything else is in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
