@@ -40,6 +40,39 @@ pub enum Outcome {
     Aborted,
 }
 
+impl Outcome {
+    /// Every outcome, in the order `datafold-gateway audit --help` lists them. A new variant
+    /// goes here as well as in [`Outcome::name`], where the compiler asks for it.
+    pub const ALL: [Outcome; 5] = [
+        Self::Forwarded,
+        Self::Rejected,
+        Self::RateLimited,
+        Self::UpstreamError,
+        Self::Aborted,
+    ];
+
+    /// The outcome as a record spells it (`rate_limited`): what serde writes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Rejected => "rejected",
+            Self::RateLimited => "rate_limited",
+            Self::UpstreamError => "upstream_error",
+            Self::Aborted => "aborted",
+        }
+    }
+
+    /// The outcome a record's `outcome` names, if it is one of ours.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|outcome| outcome.name() == name)
+    }
+}
+
+/// A record's `route` for a test start, `POST /api/v1/data_sources/{id}/test`.
+pub const ROUTE_TEST_CONNECTION: &str = "test_connection";
+/// A record's `route` for a result poll, `GET /api/v1/data_sources/test/{job_id}`.
+pub const ROUTE_TEST_RESULT: &str = "test_result";
+
 /// Which rate limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -1013,6 +1046,19 @@ mod tests {
             .unwrap();
         assert!(!elsewhere.block_on(waiting));
         assert!(!elsewhere.block_on(batcher.append(&record(201))));
+    }
+
+    #[test]
+    fn outcome_names_are_what_serde_writes_and_each_is_listed_once() {
+        for outcome in Outcome::ALL {
+            let written = serde_json::to_value(outcome).unwrap();
+            assert_eq!(written, outcome.name(), "{outcome:?}");
+            assert_eq!(Outcome::from_name(outcome.name()), Some(outcome));
+        }
+        let mut names = Outcome::ALL.map(Outcome::name);
+        names.sort();
+        names.windows(2).for_each(|w| assert_ne!(w[0], w[1]));
+        assert_eq!(Outcome::from_name("timeout"), None);
     }
 
     #[test]

@@ -6,12 +6,11 @@
 
 pub mod admin;
 pub mod audit;
-pub mod audit_query;
 pub mod audit_sampling;
 pub mod callers;
+pub mod cli;
 pub mod config;
 pub mod datafold;
-pub mod demo;
 pub mod error;
 pub mod files;
 pub mod jobs;

@@ -1,11 +1,13 @@
-//! The command line. Everything else is in the library.
+//! The command line: parsed here, then handed to `serve` below (the gateway) or to a subcommand
+//! in `cli/` (the tools around it). Everything else is in the library.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use datafold_gateway::cli::{audit, check_config, demo, hash_token};
 use datafold_gateway::config::Config;
-use datafold_gateway::{audit_query, demo, reload, server, telemetry, tokens};
+use datafold_gateway::{reload, server, telemetry};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser)]
@@ -43,7 +45,7 @@ enum Command {
         generate: bool,
     },
     /// Query the audit trail: who tested which data source, when, and with what result.
-    Audit(audit_query::AuditArgs),
+    Audit(audit::AuditArgs),
     /// Try the gateway against a local stand-in for Datafold, then exit.
     Demo {
         /// Keep the gateway and the stand-in running until Ctrl-C.
@@ -69,9 +71,9 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args.config)),
-        Command::CheckConfig(args) => check_config(args.config),
-        Command::HashToken { generate } => hash_token(generate),
-        Command::Audit(args) => audit_query::run(&args).map_err(Into::into),
+        Command::CheckConfig(args) => check_config::run(&args.config),
+        Command::HashToken { generate } => hash_token::run(generate),
+        Command::Audit(args) => audit::run(&args).map_err(Into::into),
         Command::Demo { keep } => runtime.block_on(demo::run(keep)),
     };
     // Dropping the runtime would wait for every blocking task, and a read of a file on a hung
@@ -113,31 +115,6 @@ async fn serve(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     gateway.run(stop).await.map_err(in_file)?;
-    Ok(())
-}
-
-fn check_config(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::load(&path)?;
-    server::prepare(&config).map_err(|e| format!("{}: {e}", path.display()))?;
-    println!("# {}: OK (API key loaded; shown redacted)", path.display());
-    print!("{}", config.redacted_toml());
-    Ok(())
-}
-
-fn hash_token(generate: bool) -> Result<(), Box<dyn std::error::Error>> {
-    if generate {
-        let token = tokens::generate()?;
-        println!("token: {token}");
-        println!("{}", tokens::digest_line(&token));
-        eprintln!("Give the token to the caller; put only the sha256 line in the config.");
-        return Ok(());
-    }
-    let mut line = String::new();
-    std::io::stdin()
-        .read_line(&mut line)
-        .map_err(|e| format!("cannot read the token from stdin: {e}"))?;
-    let token = tokens::from_line(&line)?;
-    println!("{}", tokens::digest_line(token));
     Ok(())
 }
 

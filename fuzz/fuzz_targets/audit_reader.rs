@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(why) = datafold_gateway::audit_query::parse_line(data) {
+    if let Err(why) = datafold_gateway::cli::audit::parse_line(data) {
         assert!(
             why.starts_with("not JSON: ") || why.starts_with("not an audit record: "),
             "{why}"

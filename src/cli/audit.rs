@@ -34,16 +34,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use flate2::read::MultiGzDecoder;
 use serde::Deserialize;
 
+use crate::audit::{Outcome, ROUTE_TEST_CONNECTION, ROUTE_TEST_RESULT};
 use crate::config::Config;
-
-/// The outcomes an audit record can have (`audit::Outcome`, as serialized).
-const OUTCOMES: [&str; 5] = [
-    "forwarded",
-    "rejected",
-    "rate_limited",
-    "upstream_error",
-    "aborted",
-];
 
 /// Past this many, corrupt lines are only counted, so a damaged file cannot flood the terminal.
 const MAX_REPORTED_CORRUPT_LINES: u64 = 100;
@@ -75,8 +67,8 @@ pub struct AuditArgs {
     #[arg(long, value_name = "TIME", value_parser = parse_time)]
     pub until: Option<SystemTime>,
     /// Only records with this outcome.
-    #[arg(long, value_name = "O", value_parser = clap::builder::PossibleValuesParser::new(OUTCOMES))]
-    pub outcome: Option<String>,
+    #[arg(long, value_name = "O", value_enum)]
+    pub outcome: Option<Outcome>,
     /// Print the matching records as they are in the file, one JSON object a line.
     #[arg(long, conflicts_with = "summary")]
     pub json: bool,
@@ -84,6 +76,17 @@ pub struct AuditArgs {
     /// caller.
     #[arg(long)]
     pub summary: bool,
+}
+
+/// `--outcome` takes the outcomes the writer knows, spelled as records spell them.
+impl clap::ValueEnum for Outcome {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Outcome::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
 }
 
 /// Runs the query; the error names the file or flag at fault and what to do.
@@ -104,7 +107,7 @@ pub fn run(args: &AuditArgs) -> Result<(), String> {
         caller: args.caller.as_deref(),
         since: args.since,
         until: args.until,
-        outcome: args.outcome.as_deref(),
+        outcome: args.outcome,
     };
     let mut out = BufWriter::new(io::stdout().lock());
     let mut scan = Scan::new(&filter);
@@ -233,7 +236,9 @@ pub fn parse_line(line: &[u8]) -> Result<(), String> {
     Record::parse(line).map(|_| ())
 }
 
-/// The fields of an audit record the query uses; unknown fields are ignored.
+/// The fields of an audit record ([`crate::audit::Record`]) that the query uses, owned and
+/// each optional but `ts`, so that records of older versions, and summaries of suppressed
+/// refusals, read as well. Fields the query does not use are ignored.
 #[derive(Debug, Deserialize)]
 struct Record {
     ts: String,
@@ -247,6 +252,7 @@ struct Record {
     job_id: Option<i64>,
     #[serde(default)]
     status: Option<u16>,
+    /// As written: an outcome this version does not know is still shown (see [`Record::outcome`]).
     #[serde(default)]
     outcome: Option<String>,
     #[serde(default)]
@@ -283,12 +289,17 @@ impl Record {
         Ok(record)
     }
 
+    /// The outcome, if it is one the writer of this version writes.
+    fn outcome(&self) -> Option<Outcome> {
+        self.outcome.as_deref().and_then(Outcome::from_name)
+    }
+
     fn is_test_start(&self) -> bool {
-        self.route.as_deref() == Some("test_connection")
+        self.route.as_deref() == Some(ROUTE_TEST_CONNECTION)
     }
 
     fn is_result_poll(&self) -> bool {
-        self.route.as_deref() == Some("test_result")
+        self.route.as_deref() == Some(ROUTE_TEST_RESULT)
     }
 }
 
@@ -298,7 +309,7 @@ struct Filter<'a> {
     caller: Option<&'a str>,
     since: Option<SystemTime>,
     until: Option<SystemTime>,
-    outcome: Option<&'a str>,
+    outcome: Option<Outcome>,
 }
 
 impl Filter<'_> {
@@ -312,7 +323,7 @@ impl Filter<'_> {
             && self.until.map_or(true, |until| record.time < until)
             && self
                 .outcome
-                .map_or(true, |outcome| record.outcome.as_deref() == Some(outcome))
+                .map_or(true, |outcome| record.outcome() == Some(outcome))
     }
 }
 
@@ -545,7 +556,10 @@ impl Summary {
     }
 
     fn add(&mut self, record: &Record) {
-        if matches!(record.outcome.as_deref(), Some("rejected" | "rate_limited")) {
+        if matches!(
+            record.outcome(),
+            Some(Outcome::Rejected | Outcome::RateLimited)
+        ) {
             let row = self.row(record);
             self.rows[row].1.refused += 1;
             return;
@@ -557,8 +571,8 @@ impl Summary {
             if answered_non_2xx {
                 let row = self.row(record);
                 self.rows[row].1.failed += 1;
-            } else if let (Some("forwarded"), Some(job_id)) =
-                (record.outcome.as_deref(), record.job_id)
+            } else if let (Some(Outcome::Forwarded), Some(job_id)) =
+                (record.outcome(), record.job_id)
             {
                 let row = self.row(record);
                 let tally = &mut self.rows[row].1;
@@ -648,6 +662,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::audit;
 
     /// 2026-12-01T00:00:00Z
     const DEC_1: Duration = Duration::from_secs(1_796_083_200);
@@ -697,6 +712,122 @@ mod tests {
         ] {
             assert!(!is_rotated_sibling(live, other.as_bytes()), "{other}");
         }
+    }
+
+    /// A record as the writer puts it in the audit file (`serde_json`, as `audit.rs` writes it).
+    fn written(record: &audit::Record<'_>) -> Vec<u8> {
+        serde_json::to_vec(record).expect("an audit record serializes")
+    }
+
+    #[test]
+    fn a_written_record_reads_back_with_every_field_the_query_uses() {
+        let steps = crate::datafold::TestSteps(vec![("connection".into(), "done".into())]);
+        let record = audit::Record {
+            ts: UNIX_EPOCH + DEC_1 + Duration::from_micros(1_500),
+            request_id: Some("req-1"),
+            caller: Some("alice"),
+            peer: Some("10.0.0.7:51234"),
+            method: Some("GET"),
+            path: Some("/api/v1/data_sources/test/7"),
+            path_truncated: true,
+            route: Some(ROUTE_TEST_RESULT),
+            data_source_id: Some(3),
+            job_id: Some(7),
+            status: 200,
+            outcome: Outcome::Forwarded,
+            limit: None,
+            upstream_status: Some(200),
+            test_status: Some("done"),
+            test_steps: Some(&steps),
+            duration_ms: 12.5,
+            suppressed: None,
+        };
+        let read = Record::parse(&written(&record)).unwrap();
+        assert_eq!(read.time, record.ts);
+        assert_eq!(read.caller.as_deref(), record.caller);
+        assert_eq!(read.route.as_deref(), record.route);
+        assert!(read.is_result_poll() && !read.is_test_start());
+        assert_eq!(read.data_source_id, record.data_source_id);
+        assert_eq!(read.job_id, record.job_id);
+        assert_eq!(read.status, Some(record.status));
+        assert_eq!(read.outcome(), Some(record.outcome));
+        assert_eq!(read.upstream_status, record.upstream_status);
+        assert_eq!(read.test_status.as_deref(), record.test_status);
+        assert_eq!(read.duration_ms, Some(record.duration_ms));
+    }
+
+    #[test]
+    fn every_outcome_written_reads_back_as_itself_and_matches_its_filter() {
+        for outcome in Outcome::ALL {
+            let record = audit::Record {
+                ts: UNIX_EPOCH + DEC_1,
+                route: Some(ROUTE_TEST_CONNECTION),
+                outcome,
+                ..audit::Record::empty()
+            };
+            let read = Record::parse(&written(&record)).unwrap();
+            assert_eq!(read.outcome(), Some(outcome));
+            assert!(read.is_test_start());
+            let filter = Filter {
+                data_source: None,
+                caller: None,
+                since: None,
+                until: None,
+                outcome: Some(outcome),
+            };
+            assert!(filter.matches(&read), "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn a_summary_of_suppressed_refusals_reads_and_counts_as_refused() {
+        // As `audit_sampling.rs` writes one: no caller, no route, a count of refusals.
+        let record = audit::Record {
+            ts: UNIX_EPOCH + DEC_1,
+            peer: Some("10.0.0.7"),
+            status: 429,
+            outcome: Outcome::RateLimited,
+            limit: Some(audit::Limit::Unauthenticated),
+            suppressed: Some(40),
+            duration_ms: 812.0,
+            ..audit::Record::empty()
+        };
+        let read = Record::parse(&written(&record)).unwrap();
+        assert_eq!(read.outcome(), Some(Outcome::RateLimited));
+        let mut summary = Summary::default();
+        summary.add(&read);
+        assert_eq!(summary.rows.len(), 1);
+        assert_eq!(summary.rows[0].1.refused, 1);
+    }
+
+    #[test]
+    fn a_record_of_the_first_version_still_reads() {
+        // Before `path_truncated`, `test_status`, `test_steps` and `suppressed` existed.
+        let line = br#"{"ts":"2026-12-01T00:00:00.000123Z","request_id":null,"caller":"alice","peer":"10.0.0.7:51234","method":"POST","path":"/api/v1/data_sources/1/test","route":"test_connection","data_source_id":1,"job_id":5,"status":200,"outcome":"forwarded","limit":null,"upstream_status":200,"duration_ms":3.0}"#;
+        let read = Record::parse(line).unwrap();
+        assert!(read.is_test_start());
+        assert_eq!(read.outcome(), Some(Outcome::Forwarded));
+        assert_eq!(read.job_id, Some(5));
+        assert_eq!(read.test_status, None);
+    }
+
+    #[test]
+    fn an_outcome_this_version_does_not_know_is_shown_but_matches_no_filter() {
+        let line = br#"{"ts":"2026-12-01T00:00:00Z","outcome":"timeout"}"#;
+        let read = Record::parse(line).unwrap();
+        assert_eq!(read.outcome(), None);
+        let mut table = Vec::new();
+        print_record(&mut table, &read).unwrap();
+        assert!(String::from_utf8(table).unwrap().contains("timeout"));
+    }
+
+    #[test]
+    fn the_route_layer_names_routes_as_the_reader_expects() {
+        use crate::middleware::route::Route;
+        let start = Route::TestConnection { data_source_id: 1 };
+        let poll = Route::TestResult { job_id: 1 };
+        assert_eq!(start.name(), ROUTE_TEST_CONNECTION);
+        assert_eq!(poll.name(), ROUTE_TEST_RESULT);
     }
 
     #[test]

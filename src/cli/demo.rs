@@ -26,7 +26,7 @@ type Error = Box<dyn std::error::Error>;
 
 const CONFIG_PATH: &str = "config/gateway.toml";
 /// The shipped configuration, for a demo run outside the source tree.
-const SHIPPED_CONFIG: &str = include_str!("../config/gateway.toml");
+const SHIPPED_CONFIG: &str = include_str!("../../config/gateway.toml");
 /// Well past the shipped global burst (60), yet a bounded number of requests.
 const MAX_BURST: usize = 100;
 const TEST_42: &str = "/api/v1/data_sources/42/test";
