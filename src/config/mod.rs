@@ -12,7 +12,6 @@
 mod validate;
 mod values;
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
@@ -303,34 +302,41 @@ impl Default for Limits {
 }
 
 /// A configuration problem, naming the file and, where there is one, the key at fault.
-#[derive(Debug)]
-pub struct ConfigError {
-    pub file: PathBuf,
-    pub key: Option<String>,
-    pub message: String,
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Missing, not a regular file, too large, or not UTF-8.
+    #[error("{}: cannot read the configuration file: {problem}", file.display())]
+    Unreadable { file: PathBuf, problem: String },
+    /// Not TOML: there is no key to name, only a position.
+    #[error("{}: {message}", file.display())]
+    Syntax { file: PathBuf, message: String },
+    /// A key that does not exist, or a value its key cannot have.
+    #[error("{}: {key}: {message}", file.display())]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        message: String,
+    },
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: ", self.file.display())?;
-        if let Some(key) = &self.key {
-            write!(f, "{key}: ")?;
+impl ConfigError {
+    /// The key at fault, as a path (`rate_limit.global.rate`), if the problem has one.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Invalid { key, .. } => Some(key),
+            Self::Unreadable { .. } | Self::Syntax { .. } => None,
         }
-        f.write_str(&self.message)
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 impl Config {
     /// Reads, parses and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         // Not `read_to_string`: a FIFO or a device in the file's place must not hang or
         // exhaust the gateway.
-        let cannot_read = |problem: &str| ConfigError {
+        let cannot_read = |problem: &str| ConfigError::Unreadable {
             file: path.to_owned(),
-            key: None,
-            message: format!("cannot read the configuration file: {problem}"),
+            problem: problem.to_owned(),
         };
         let contents = crate::files::read_regular(path, crate::files::CONFIG_FILE_CAP)
             .map_err(|e| cannot_read(e.problem()))?;
@@ -359,10 +365,11 @@ impl Config {
                 }
                 None => error.message().trim_end().to_owned(),
             };
-            ConfigError {
-                file: path.to_owned(),
-                key: (key != ".").then_some(key),
-                message,
+            let file = path.to_owned();
+            if key == "." {
+                ConfigError::Syntax { file, message }
+            } else {
+                ConfigError::Invalid { file, key, message }
             }
         })?;
         config.validate(path)?;

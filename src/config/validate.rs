@@ -75,9 +75,9 @@ const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 impl Config {
     pub(super) fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let fail = |key: &str, message: String| ConfigError {
+        let fail = |key: &str, message: String| ConfigError::Invalid {
             file: path.to_owned(),
-            key: Some(key.to_owned()),
+            key: key.to_owned(),
             message,
         };
         for (key, value, max) in [
