@@ -129,8 +129,6 @@ impl Gateway {
             },
         )
         .map_err(|e| GatewayError(e.to_string()))?;
-        let max_jobs = NonZeroUsize::new(config.callers.max_tracked_jobs)
-            .ok_or_else(|| GatewayError("callers.max_tracked_jobs must be at least 1".into()))?;
         let config = Arc::new(config);
         // Each worker makes its own (see `Worker::serve`); this one only until then.
         let pool = prepared.upstream.pool(metrics.upstream_retries.clone());
@@ -142,7 +140,7 @@ impl Gateway {
             metrics,
             limiters: Arc::new(ArcSwap::from_pointee(reload::limiters_for(&config, None))),
             callers: Arc::new(ArcSwap::from_pointee(CallerBook::new(&config.callers))),
-            jobs: Arc::new(JobBook::new(max_jobs)),
+            jobs: Arc::new(JobBook::new(config.callers.max_tracked_jobs.get())),
             pool,
             refusals: Arc::default(),
             overload: ShedOverloadLayer::new(config.limits.max_concurrent_requests),
@@ -354,17 +352,20 @@ impl Gateway {
 /// Opens `count` listening sockets on `addr`. With more than one, each has `SO_REUSEPORT` and
 /// the kernel spreads new connections across them, so that each worker accepts its own without
 /// waking the others. The first socket's port is used for the rest (`addr` may ask for port 0).
-fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut listeners = Vec::with_capacity(count);
+fn bind_listeners(
+    addr: SocketAddr,
+    count: NonZeroUsize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(count.get());
     let mut addr = addr;
-    for _ in 0..count.max(1) {
+    for _ in 0..count.get() {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
-        if count > 1 {
+        if count.get() > 1 {
             socket.set_reuseport(true)?;
         }
         socket.bind(addr)?;

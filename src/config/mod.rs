@@ -13,7 +13,7 @@ mod validate;
 mod values;
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -21,9 +21,13 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 pub use values::{
-    ApiKeySource, CallerMode, HeaderName, Http2Mode, LogFormat, OnAuditFailure, Rate, RateLimit,
-    TokenDigest, UpstreamUrl,
+    ApiKeySource, CallerMode, Count, HeaderName, Http2Mode, LogFormat, OnAuditFailure, Per, Rate,
+    RateLimit, TokenDigest, UpstreamUrl,
 };
+
+/// Upper bounds: far beyond any sensible setting, low enough that nothing overflows.
+const MAX_TRACKED_JOBS: usize = 100_000_000;
+const MAX_WORKERS: usize = 1024;
 
 /// The validated contents of a configuration file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -48,17 +52,16 @@ pub struct Runtime {
     /// Worker threads, each with its own event loop, listener socket (`SO_REUSEPORT`) and
     /// upstream connections. Unset: one per available core.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub workers: Option<usize>,
+    pub workers: Option<Count<MAX_WORKERS>>,
 }
 
 impl Runtime {
     /// How many workers to run: `workers`, or one per core the process may use.
-    pub fn worker_count(&self) -> usize {
-        self.workers.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+    pub fn worker_count(&self) -> NonZeroUsize {
+        self.workers.map_or_else(
+            || std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            Count::get,
+        )
     }
 }
 
@@ -160,8 +163,13 @@ pub struct Callers {
     pub share_results: bool,
     /// Most jobs remembered (with their caller and data source) for result polls; the oldest
     /// are forgotten first (oldest of their shard: see `JobBook`).
-    pub max_tracked_jobs: usize,
+    pub max_tracked_jobs: Count<MAX_TRACKED_JOBS>,
 }
+
+const DEFAULT_MAX_TRACKED_JOBS: Count<MAX_TRACKED_JOBS> = match Count::new(100_000) {
+    Some(count) => count,
+    None => panic!("the default is within the bound"),
+};
 
 impl Default for Callers {
     fn default() -> Self {
@@ -170,7 +178,7 @@ impl Default for Callers {
             tokens: Vec::new(),
             allow: None,
             share_results: false,
-            max_tracked_jobs: 100_000,
+            max_tracked_jobs: DEFAULT_MAX_TRACKED_JOBS,
         }
     }
 }
@@ -217,7 +225,7 @@ impl Default for RateLimits {
             unauthenticated: RateLimit {
                 rate: Rate {
                     count: NonZeroU32::new(10).expect("not zero"),
-                    per: Duration::from_secs(1),
+                    per: Per::Second,
                 },
                 burst: NonZeroU32::new(20).expect("not zero"),
             },

@@ -68,9 +68,7 @@ const NEVER_RETURNED: &[(&str, &str)] = &[
 const MAX_BODY_BYTES: usize = 1 << 30;
 const MAX_CONCURRENT_REQUESTS: usize = 1_000_000;
 const MAX_TRACKED_KEYS: usize = 100_000_000;
-const MAX_TRACKED_JOBS: usize = 100_000_000;
 const MAX_CONNECTIONS_PER_WORKER: usize = 10_000;
-const MAX_WORKERS: usize = 1024;
 const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
 
 impl Config {
@@ -102,19 +100,9 @@ impl Config {
                 MAX_TRACKED_KEYS,
             ),
             (
-                "callers.max_tracked_jobs",
-                self.callers.max_tracked_jobs,
-                MAX_TRACKED_JOBS,
-            ),
-            (
                 "upstream.max_connections_per_worker",
                 self.upstream.max_connections_per_worker,
                 MAX_CONNECTIONS_PER_WORKER,
-            ),
-            (
-                "runtime.workers",
-                self.runtime.workers.unwrap_or(1),
-                MAX_WORKERS,
             ),
         ] {
             if !(1..=max).contains(&value) {

@@ -2,7 +2,7 @@
 //! be checked of it alone, and prints back the way it was written (`check-config`).
 
 use std::fmt;
-use std::num::NonZeroU32;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -257,6 +257,39 @@ impl Serialize for TokenDigest {
     }
 }
 
+/// A count from 1 to `MAX`, checked as the file is read, so that code using it has neither a
+/// zero to guard against nor a bound to check again.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Count<const MAX: usize>(NonZeroUsize);
+
+impl<const MAX: usize> Count<MAX> {
+    /// `n`, if it is within 1..=MAX.
+    pub const fn new(n: usize) -> Option<Self> {
+        match NonZeroUsize::new(n) {
+            Some(n) if n.get() <= MAX => Some(Self(n)),
+            _ => None,
+        }
+    }
+
+    pub const fn get(self) -> NonZeroUsize {
+        self.0
+    }
+}
+
+impl<const MAX: usize> fmt::Debug for Count<MAX> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de, const MAX: usize> Deserialize<'de> for Count<MAX> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = usize::deserialize(d)?;
+        Self::new(n).ok_or_else(|| serde::de::Error::custom(format!("must be between 1 and {MAX}")))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
@@ -264,26 +297,55 @@ pub struct RateLimit {
     pub burst: NonZeroU32,
 }
 
-/// `N/s`, `N/min` or `N/h`: N requests admitted per unit of time on average.
+/// `N/s`, `N/min` or `N/h`: N requests admitted per unit of time on average. At most one
+/// request per nanosecond, so that the time to earn one back is never zero.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Rate {
-    pub count: NonZeroU32,
-    pub per: Duration,
+    // Not public: a `Rate` is made by parsing, which checks the bound above.
+    pub(super) count: NonZeroU32,
+    pub(super) per: Per,
+}
+
+/// The unit of time of a [`Rate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Per {
+    Second,
+    Minute,
+    Hour,
+}
+
+impl Per {
+    pub fn duration(self) -> Duration {
+        match self {
+            Self::Second => Duration::from_secs(1),
+            Self::Minute => Duration::from_secs(60),
+            Self::Hour => Duration::from_secs(3600),
+        }
+    }
 }
 
 impl Rate {
-    /// The time it takes to earn back one request.
+    /// Requests admitted per [`per`](Rate::per).
+    pub fn count(&self) -> NonZeroU32 {
+        self.count
+    }
+
+    pub fn per(&self) -> Per {
+        self.per
+    }
+
+    /// The time it takes to earn back one request; never zero.
     pub fn replenish_interval(&self) -> Duration {
-        self.per / self.count.get()
+        self.per.duration() / self.count.get()
     }
 }
 
 impl fmt::Debug for Rate {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.per.as_secs() {
-            1 => "s",
-            60 => "min",
-            _ => "h",
+        let unit = match self.per {
+            Per::Second => "s",
+            Per::Minute => "min",
+            Per::Hour => "h",
         };
         write!(f, "{}/{unit}", self.count)
     }
@@ -297,12 +359,12 @@ impl FromStr for Rate {
         let (count, unit) = s.split_once('/').ok_or_else(bad)?;
         let count: NonZeroU32 = count.trim().parse().map_err(|_| bad())?;
         let per = match unit.trim() {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
+            "s" | "sec" | "second" => Per::Second,
+            "min" | "minute" => Per::Minute,
+            "h" | "hour" => Per::Hour,
             _ => return Err(bad()),
         };
-        if per.as_nanos() < u128::from(count.get()) {
+        if per.duration().as_nanos() < u128::from(count.get()) {
             return Err(format!("`{s}` is faster than one request per nanosecond"));
         }
         Ok(Self { count, per })
@@ -371,5 +433,24 @@ mod tests {
             "/datafold/api/v1/data_sources/1/test"
         );
         assert_eq!(url.authority.host(), "datafold.example.com");
+    }
+
+    #[test]
+    fn counts_refuse_zero_and_past_their_bound_by_key() {
+        let parse = |text: &str| {
+            crate::config::Config::parse(std::path::Path::new("gateway.toml"), text)
+                .map_err(|e| e.to_string())
+        };
+        for text in ["max_tracked_jobs = 0", "max_tracked_jobs = 100000001"] {
+            let err = parse(&format!("[callers]\n{text}\n")).unwrap_err();
+            assert!(err.contains("callers.max_tracked_jobs"), "{err}");
+            assert!(err.contains("between 1 and 100000000"), "{err}");
+        }
+        let config = parse("[runtime]\nworkers = 3\n[callers]\nmax_tracked_jobs = 7\n").unwrap();
+        assert_eq!(config.runtime.worker_count().get(), 3);
+        assert_eq!(config.callers.max_tracked_jobs.get().get(), 7);
+        let printed = config.redacted_toml();
+        assert!(printed.contains("workers = 3"), "{printed}");
+        assert!(printed.contains("max_tracked_jobs = 7"), "{printed}");
     }
 }
