@@ -3,7 +3,6 @@
 //! Every section and key has a default except the ones a deployment must decide; unknown keys are
 //! an error so that a typo (`[rate_limit.globl]`) cannot silently switch a limit off. Errors name
 //! the file and the key path (`rate_limit.global.rate`) and say what is wrong with it.
-
 //!
 //! This file holds the sections as read from TOML and the entry points ([`Config::load`],
 //! [`Config::parse`]); `values` the value types each key parses into, and `validate` the checks
@@ -25,7 +24,7 @@ pub use values::{
     RateLimit, TokenDigest, UpstreamUrl,
 };
 
-/// Upper bounds: far beyond any sensible setting, low enough that nothing overflows.
+/// Bounds carried in their keys' types ([`Count`]); the others are checked in `validate`.
 const MAX_TRACKED_JOBS: usize = 100_000_000;
 const MAX_WORKERS: usize = 1024;
 
