@@ -3,10 +3,13 @@
 //! Gateway-made errors are JSON `{"detail": "<human message>", "code": "<stable code>"}`; the
 //! codes are an interface that callers match on. Invalid path parameters are the exception: they
 //! get Datafold's own `HTTPValidationError` shape so that Datafold's clients parse them as usual.
-//! Upstream failures are classified here too, from the error's chain of causes.
+//! Upstream failures are classified here too, from the error's chain of causes. The reasons the
+//! gateway cannot start, or stops serving, are here as well: [`GatewayError`].
 
 use std::error::Error as StdError;
 use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,8 +17,46 @@ use http::header::{ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderValue, Response, StatusCode};
 use serde::Serialize;
 
-use crate::audit::{AuditFacts, Limit, Outcome};
+use crate::audit::{AuditError, AuditFacts, Limit, Outcome};
+use crate::secret::KeyError;
 use crate::Body;
+
+/// Why the gateway cannot start, or stopped serving. Each message names the setting at fault where
+/// there is one; none holds the key or a caller's token.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// `api_key.env` or `api_key.file` does not give a usable key.
+    #[error(transparent)]
+    ApiKey(#[from] KeyError),
+    /// The upstream's trust roots (`upstream.ca_file`) cannot be used.
+    #[error("{0}")]
+    Upstream(String),
+    /// The main listener's certificate, key or client CA (`listen.tls_cert` and the rest).
+    #[error("{0}")]
+    ListenerTls(String),
+    #[error("audit.file: the folder {} of {} does not exist", folder.display(), file.display())]
+    AuditFolderMissing { folder: PathBuf, file: PathBuf },
+    #[error(transparent)]
+    AuditFile(#[from] AuditError),
+    /// `key` is the setting that asked for the address: `listen.addr` or `admin.addr`.
+    #[error("{key}: cannot listen on {addr}: {source}")]
+    Listen {
+        key: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    /// A bound socket could not tell its own address.
+    #[error(transparent)]
+    Socket(#[from] io::Error),
+    #[error("cannot start worker {index}: {reason}")]
+    WorkerStart { index: usize, reason: String },
+    /// A worker serves until told to stop; this one ended on its own.
+    #[error("a worker ended unexpectedly: {0}")]
+    WorkerEnded(String),
+    /// Shutdown gave up waiting for the workers.
+    #[error("workers did not stop within limits.shutdown_grace + {margin:?}; records of requests still in flight may be missing")]
+    WorkersOverran { margin: Duration },
+}
 
 /// Stable error codes in gateway-made error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

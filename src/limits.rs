@@ -30,7 +30,7 @@ use governor::state::{InMemoryState, StateStore};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 
 use crate::audit::Limit;
-use crate::config::{RateLimit, RateLimits};
+use crate::config::{Per, RateLimit, RateLimits};
 
 /// How often keyed limiters forget the keys that have refilled.
 pub const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -91,9 +91,13 @@ impl std::fmt::Debug for Limiters {
 }
 
 fn quota(limit: &RateLimit) -> Quota {
-    Quota::with_period(limit.rate.replenish_interval())
-        .expect("config validation keeps the interval above zero")
-        .allow_burst(limit.burst)
+    let count = limit.rate.count();
+    let quota = match limit.rate.per() {
+        Per::Second => Quota::per_second(count),
+        Per::Minute => Quota::per_minute(count),
+        Per::Hour => Quota::per_hour(count),
+    };
+    quota.allow_burst(limit.burst)
 }
 
 /// How long a refused check waits before it would pass.

@@ -50,17 +50,7 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most header fields accepted in one request.
 const MAX_HEADERS: usize = 100;
 
-/// Why the gateway cannot start or go on serving; the message names the setting at fault.
-#[derive(Debug)]
-pub struct GatewayError(pub String);
-
-impl std::fmt::Display for GatewayError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for GatewayError {}
+pub use crate::error::GatewayError;
 
 /// What `serve` needs besides sockets, each checked: `check-config` stops after this.
 pub struct Prepared {
@@ -73,19 +63,18 @@ pub struct Prepared {
 
 /// Loads the key and the upstream trust roots, and checks that the audit file's folder exists.
 pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
-    let key = ApiKey::load(&config.api_key).map_err(|e| GatewayError(e.to_string()))?;
-    let upstream = Connector::new(&config.upstream).map_err(GatewayError)?;
-    let tls = tls::acceptor(&config.listen).map_err(GatewayError)?;
+    let key = ApiKey::load(&config.api_key)?;
+    let upstream = Connector::new(&config.upstream).map_err(GatewayError::Upstream)?;
+    let tls = tls::acceptor(&config.listen).map_err(GatewayError::ListenerTls)?;
     let audit_dir = match config.audit.file.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => std::path::Path::new("."),
     };
     if !audit_dir.is_dir() {
-        return Err(GatewayError(format!(
-            "audit.file: the folder {} of {} does not exist",
-            audit_dir.display(),
-            config.audit.file.display()
-        )));
+        return Err(GatewayError::AuditFolderMissing {
+            folder: audit_dir.to_owned(),
+            file: config.audit.file.clone(),
+        });
     }
     Ok(Prepared { key, upstream, tls })
 }
@@ -107,19 +96,20 @@ pub struct Gateway {
 impl Gateway {
     pub async fn bind(config: Config) -> Result<Self, GatewayError> {
         let prepared = prepare(&config)?;
-        let listeners =
-            bind_listeners(config.listen.addr, config.runtime.worker_count()).map_err(|e| {
-                GatewayError(format!(
-                    "listen.addr: cannot listen on {}: {e}",
-                    config.listen.addr
-                ))
+        let listeners = bind_listeners(config.listen.addr, config.runtime.worker_count()).map_err(
+            |source| GatewayError::Listen {
+                key: "listen.addr",
+                addr: config.listen.addr,
+                source,
+            },
+        )?;
+        let admin = TcpListener::bind(config.admin.addr)
+            .await
+            .map_err(|source| GatewayError::Listen {
+                key: "admin.addr",
+                addr: config.admin.addr,
+                source,
             })?;
-        let admin = TcpListener::bind(config.admin.addr).await.map_err(|e| {
-            GatewayError(format!(
-                "admin.addr: cannot listen on {}: {e}",
-                config.admin.addr
-            ))
-        })?;
         let metrics = Metrics::default();
         let audit = AuditLog::open(
             &config.audit.file,
@@ -127,10 +117,7 @@ impl Gateway {
                 stdout: config.audit.stdout,
                 errors: metrics.audit_write_errors.clone(),
             },
-        )
-        .map_err(|e| GatewayError(e.to_string()))?;
-        let max_jobs = NonZeroUsize::new(config.callers.max_tracked_jobs)
-            .ok_or_else(|| GatewayError("callers.max_tracked_jobs must be at least 1".into()))?;
+        )?;
         let config = Arc::new(config);
         // Each worker makes its own (see `Worker::serve`); this one only until then.
         let pool = prepared.upstream.pool(metrics.upstream_retries.clone());
@@ -142,7 +129,7 @@ impl Gateway {
             metrics,
             limiters: Arc::new(ArcSwap::from_pointee(reload::limiters_for(&config, None))),
             callers: Arc::new(ArcSwap::from_pointee(CallerBook::new(&config.callers))),
-            jobs: Arc::new(JobBook::new(max_jobs)),
+            jobs: Arc::new(JobBook::new(config.callers.max_tracked_jobs.get())),
             pool,
             refusals: Arc::default(),
             overload: ShedOverloadLayer::new(config.limits.max_concurrent_requests),
@@ -226,12 +213,8 @@ impl Gateway {
             audit: (config.audit.on_failure == OnAuditFailure::Refuse).then(|| audit.clone()),
             ..Health::default()
         });
-        let listen_addr = listeners[0]
-            .local_addr()
-            .map_err(|e| GatewayError(e.to_string()))?;
-        let admin_addr = admin
-            .local_addr()
-            .map_err(|e| GatewayError(e.to_string()))?;
+        let listen_addr = listeners[0].local_addr()?;
+        let admin_addr = admin.local_addr()?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let worker_count = listeners.len();
         let mut workers = JoinSet::new();
@@ -250,7 +233,7 @@ impl Gateway {
                     workers.spawn(ended);
                 }
                 Err(e) => {
-                    failure = Some(GatewayError(format!("cannot start worker {index}: {e}")));
+                    failure = Some(GatewayError::WorkerStart { index, reason: e });
                     break;
                 }
             }
@@ -282,7 +265,7 @@ impl Gateway {
                         _ => "it panicked".to_owned(),
                     };
                     tracing::error!(error = %why, "a worker ended unexpectedly; shutting down");
-                    failure = Some(GatewayError(format!("a worker ended unexpectedly: {why}")));
+                    failure = Some(GatewayError::WorkerEnded(why));
                 }
             }
         }
@@ -315,11 +298,8 @@ impl Gateway {
                 limit = ?drain_limit,
                 "workers did not stop in time (is the audit volume hanging?); exiting without them"
             );
-            failure.get_or_insert_with(|| {
-                GatewayError(format!(
-                    "workers did not stop within limits.shutdown_grace + {WORKER_STOP_MARGIN:?}; \
-                     records of requests still in flight may be missing"
-                ))
+            failure.get_or_insert(GatewayError::WorkersOverran {
+                margin: WORKER_STOP_MARGIN,
             });
         }
         admin_task.abort();
@@ -354,17 +334,20 @@ impl Gateway {
 /// Opens `count` listening sockets on `addr`. With more than one, each has `SO_REUSEPORT` and
 /// the kernel spreads new connections across them, so that each worker accepts its own without
 /// waking the others. The first socket's port is used for the rest (`addr` may ask for port 0).
-fn bind_listeners(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let mut listeners = Vec::with_capacity(count);
+fn bind_listeners(
+    addr: SocketAddr,
+    count: NonZeroUsize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::with_capacity(count.get());
     let mut addr = addr;
-    for _ in 0..count.max(1) {
+    for _ in 0..count.get() {
         let socket = if addr.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
             TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(true)?;
-        if count > 1 {
+        if count.get() > 1 {
             socket.set_reuseport(true)?;
         }
         socket.bind(addr)?;
