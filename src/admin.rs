@@ -8,7 +8,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
 
 use crate::audit::AuditLog;
 use crate::metrics;
@@ -81,6 +83,34 @@ pub async fn handle<B>(
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     Ok(response)
+}
+
+/// Answers the probes and `/metrics` on the admin listener, one task per connection.
+pub async fn serve(listener: TcpListener, health: Arc<Health>) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let health = health.clone();
+        let connection = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |request| handle(health.clone(), request)),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ pub mod config;
 pub mod datafold;
 pub mod error;
 pub mod files;
+pub mod gateway;
 pub mod jobs;
 pub mod limits;
 pub mod metrics;

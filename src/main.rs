@@ -1,4 +1,4 @@
-//! The command line: parsed here, then handed to `serve` below (the gateway) or to a subcommand
+//! The command line: parsed here, then handed to `gateway::serve` (the gateway) or to a subcommand
 //! in `cli/` (the tools around it). Everything else is in the library.
 
 use std::path::PathBuf;
@@ -6,9 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use datafold_gateway::cli::{audit, check_config, demo, hash_token};
-use datafold_gateway::config::Config;
-use datafold_gateway::{reload, server, telemetry};
-use tokio::signal::unix::{signal, SignalKind};
+use datafold_gateway::gateway;
 
 #[derive(Parser)]
 #[command(
@@ -56,7 +54,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `serve` handles requests on worker threads of its own (see server.rs); this runtime only
+    // `serve` handles requests on worker threads of its own (see gateway.rs and server/); this runtime only
     // keeps the signals, the admin listener and the watches, and one thread does for that.
     let mut builder = match cli.command {
         Command::Serve(_) => tokio::runtime::Builder::new_current_thread(),
@@ -70,7 +68,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args.config)),
+        Command::Serve(args) => runtime.block_on(gateway::serve(args.config)),
         Command::CheckConfig(args) => check_config::run(&args.config),
         Command::HashToken { generate } => hash_token::run(generate),
         Command::Audit(args) => audit::run(&args).map_err(Into::into),
@@ -86,49 +84,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-async fn serve(path: PathBuf) -> Result<(), Box<dyn std::error::Error>> {
-    let config = Config::load(&path)?;
-    telemetry::init(&config.log);
-    // Installed before anything slow: SIGHUP's default action would end the process.
-    let stop = shutdown_signal()?;
-    let mut hangup = signal(SignalKind::hangup())?;
-    let mut user1 = signal(SignalKind::user_defined1())?;
-    let in_file = |e: server::GatewayError| format!("{}: {e}", path.display());
-    let gateway = server::Gateway::bind(config).await.map_err(in_file)?;
-    let control = gateway.control(Some(path.clone()));
-    // A changed config file (a ConfigMap update, where nobody can send SIGHUP) is reloaded too.
-    let _config_watch = reload::watch_config_file(&path, control.clone())
-        .map_err(|e| tracing::warn!(error = %e, "config changes will be picked up on SIGHUP only"))
-        .ok();
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                Some(()) = hangup.recv() => control.reload().await,
-                Some(()) = user1.recv() => {
-                    tracing::info!("reopening the audit file (SIGUSR1)");
-                    let _ = control.reopen_audit().await;
-                }
-                else => return,
-            }
-        }
-    });
-    gateway.run(stop).await.map_err(in_file)?;
-    Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT (Ctrl-C). The handlers are installed when this returns, so a
-/// signal that arrives while the gateway is still starting is not lost (nor fatal).
-fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => {}
-            _ = interrupt.recv() => {}
-        }
-    })
 }
 
 #[global_allocator]

@@ -1,18 +1,30 @@
 //! The whole request path, outermost layer first. Read this file to follow a request.
+//!
+//! Step 0 is per connection ([`PerConnection`], at the end of this file): the connection's
+//! task hands each request to its one copy of the stack, with the peer (address, client
+//! certificate name) in its extensions and counted as the connection's activity (its idle
+//! deadline). [`build`] is every step after that, one layer each.
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
 use http::{Request, Response};
-use tower::{Service, ServiceBuilder};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tower::{Service, ServiceBuilder, ServiceExt};
 use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::audit::AuditLog;
 use crate::audit_sampling::RefusalSampler;
+use crate::callers::Peer;
 use crate::callers::SharedCallers;
 use crate::config::Config;
 use crate::jobs::JobBook;
@@ -31,6 +43,7 @@ use crate::middleware::request_task::RequestTasks;
 use crate::middleware::route::AllowRoutesLayer;
 use crate::pool::Pool;
 use crate::secret::SharedKey;
+use crate::server::{Activity, InFlight};
 use crate::upstream::{strip_hop_by_hop, Forward};
 
 /// Everything the stack is built from; made once at start.
@@ -134,4 +147,65 @@ where
         .layer(InjectApiKeyLayer::new(parts.key))
         // Only allow-listed headers cross, either way; the answer is read within its budget.
         .service(Forward::new(parts.pool, parts.metrics, config))
+}
+
+/// The stack as one connection sees it: each request learns its peer and counts as activity.
+///
+/// The connection keeps one copy of the stack and calls it in place: requests on a connection
+/// are dispatched one at a time from its task (HTTP/2 streams included), and every layer is
+/// always ready, so cloning the whole stack per request (a reference count per layer) buys
+/// nothing. Should a layer ever not be ready, the request waits on a clone of its own.
+pub struct PerConnection<S> {
+    stack: std::cell::RefCell<S>,
+    peer: Peer,
+    activity: Arc<Activity>,
+}
+
+impl<S> PerConnection<S> {
+    pub(crate) fn new(stack: S, peer: Peer, activity: Arc<Activity>) -> Self {
+        Self {
+            stack: std::cell::RefCell::new(stack),
+            peer,
+            activity,
+        }
+    }
+}
+
+pin_project! {
+    pub struct Tracked<F> {
+        #[pin]
+        inner: F,
+        _in_flight: InFlight,
+    }
+}
+
+impl<F: Future> Future for Tracked<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.project().inner.poll(cx)
+    }
+}
+
+impl<S, B> hyper::service::Service<http::Request<Incoming>> for PerConnection<S>
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>, Error = Infallible> + Clone,
+{
+    type Response = http::Response<B>;
+    type Error = Infallible;
+    type Future = Tracked<Either<S::Future, tower::util::Oneshot<S, http::Request<Incoming>>>>;
+
+    fn call(&self, mut request: http::Request<Incoming>) -> Self::Future {
+        request.extensions_mut().insert(self.peer.clone());
+        let mut stack = self.stack.borrow_mut();
+        let mut ready = Context::from_waker(futures_util::task::noop_waker_ref());
+        let inner = match stack.poll_ready(&mut ready) {
+            Poll::Ready(Ok(())) => Either::Left(stack.call(request)),
+            Poll::Pending => Either::Right(stack.clone().oneshot(request)),
+        };
+        Tracked {
+            _in_flight: InFlight::start(&self.activity),
+            inner,
+        }
+    }
 }

@@ -5,12 +5,12 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::server;
+use crate::gateway;
 
 /// Checks the configuration at `path` and prints it; the error names the file.
 pub fn run(path: &Path) -> Result<(), Box<dyn std::error::Error>> {
     let config = Config::load(path)?;
-    server::prepare(&config).map_err(|e| format!("{}: {e}", path.display()))?;
+    gateway::prepare(&config).map_err(|e| format!("{}: {e}", path.display()))?;
     println!("# {}: OK (API key loaded; shown redacted)", path.display());
     print!("{}", config.redacted_toml());
     Ok(())

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
 use crate::config::{ApiKeySource, Config};
-use crate::server::Gateway;
+use crate::gateway::Gateway;
 use crate::standin::{StandIn, ThrowawayCa};
 
 type Error = Box<dyn std::error::Error>;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use datafold_gateway::config::{ApiKeySource, Config};
-use datafold_gateway::server::Gateway;
+use datafold_gateway::gateway::Gateway;
 use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
