@@ -401,29 +401,20 @@ fn invalid(param: &str) -> Response<Full<Bytes>> {
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    // Datafold's quota, which the gateway passes back to callers...
-    headers.insert(
-        "x-ratelimit-remaining",
-        http::HeaderValue::from_static("99"),
-    );
-    // ...and headers it does not: one of the upstream's own, and a cookie for the key's user.
-    headers.insert(
-        "x-datafold-request",
-        http::HeaderValue::from_static("standin"),
-    );
-    headers.insert(
-        http::header::SET_COOKIE,
-        http::HeaderValue::from_static("session=standin-session; Secure; HttpOnly"),
-    );
-    // Upstreams have request ids of their own; the caller must get the gateway's.
-    headers.insert(
-        "x-request-id",
-        http::HeaderValue::from_static("standin-side-id"),
-    );
+    // Datafold's quota (which the gateway passes back to callers), and headers it does not
+    // pass: one of the upstream's own, a cookie for the key's user, and the upstream's own
+    // request id (the caller must get the gateway's).
+    let headers = [
+        ("content-type", "application/json"),
+        ("x-ratelimit-remaining", "99"),
+        ("x-datafold-request", "standin"),
+        ("set-cookie", "session=standin-session; Secure; HttpOnly"),
+        ("x-request-id", "standin-side-id"),
+    ];
+    for (name, value) in headers {
+        response
+            .headers_mut()
+            .insert(name, http::HeaderValue::from_static(value));
+    }
     response
 }
