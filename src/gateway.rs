@@ -26,8 +26,8 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, Health};
+use crate::audit::sampling::RefusalSampler;
 use crate::audit::{AuditLog, WriterOptions};
-use crate::audit_sampling::RefusalSampler;
 use crate::callers::CallerBook;
 use crate::config::{ApiKeySource, Config, OnAuditFailure};
 pub use crate::error::GatewayError;

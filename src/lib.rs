@@ -2,11 +2,11 @@
 //! API key they never see, with rate limits and an audit trail of who tested what.
 //!
 //! `main.rs` only parses the command line; everything else lives here so that tests and the demo
-//! drive the same code. Start with `stack.rs`, which lists the request path layer by layer.
+//! drive the same code. `ARCHITECTURE.md` (at the top of the repository) says what lives where;
+//! `stack.rs` lists the request path layer by layer.
 
 pub mod admin;
 pub mod audit;
-pub mod audit_sampling;
 pub mod callers;
 pub mod cli;
 pub mod config;
@@ -23,10 +23,8 @@ pub mod reload;
 pub mod secret;
 pub mod server;
 pub mod stack;
-pub mod standin;
 pub mod telemetry;
 pub mod tls;
-pub mod tokens;
 pub mod upstream;
 
 #[cfg(test)]

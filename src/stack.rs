@@ -22,8 +22,8 @@ use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::trace::TraceLayer;
 
+use crate::audit::sampling::RefusalSampler;
 use crate::audit::AuditLog;
-use crate::audit_sampling::RefusalSampler;
 use crate::callers::Peer;
 use crate::callers::SharedCallers;
 use crate::config::Config;
@@ -110,7 +110,7 @@ where
             }),
         )
         // Every answer from here inward is audited, refusals included (a stranger's only
-        // sampled, see `audit_sampling.rs`); each request runs to its end even if its caller
+        // sampled, see `audit/sampling.rs`); each request runs to its end even if its caller
         // hangs up.
         .layer(AuditLayer::new(
             parts.audit.batcher(),

@@ -781,7 +781,7 @@ mod tests {
 
     #[test]
     fn a_summary_of_suppressed_refusals_reads_and_counts_as_refused() {
-        // As `audit_sampling.rs` writes one: no caller, no route, a count of refusals.
+        // As `audit/sampling.rs` writes one: no caller, no route, a count of refusals.
         let record = audit::Record {
             ts: UNIX_EPOCH + DEC_1,
             peer: Some("10.0.0.7"),

@@ -18,9 +18,9 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+use crate::cli::standin::{StandIn, ThrowawayCa};
 use crate::config::{ApiKeySource, Config};
 use crate::gateway::Gateway;
-use crate::standin::{StandIn, ThrowawayCa};
 
 type Error = Box<dyn std::error::Error>;
 

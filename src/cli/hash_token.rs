@@ -4,7 +4,7 @@
 //! The token comes from stdin rather than an argument, so that it stays out of the shell history
 //! and the process list; `--generate` makes a new one instead.
 
-use crate::tokens;
+use super::tokens;
 
 /// Prints the digest line of the token on stdin, or of a new token (printed too) if `generate`.
 pub fn run(generate: bool) -> Result<(), Box<dyn std::error::Error>> {

@@ -11,3 +11,8 @@ pub mod check_config;
 pub mod demo;
 /// `hash-token`: the digest line of a caller token for the config, or a new random token.
 pub mod hash_token;
+/// A local stand-in for Datafold's two endpoints, over TLS with a throwaway CA: what `demo`
+/// runs the gateway against, and what the integration tests use as the upstream.
+pub mod standin;
+/// Caller tokens as `hash-token` makes and hashes them.
+pub mod tokens;

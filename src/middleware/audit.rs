@@ -23,8 +23,8 @@ use tower::{Layer, Service};
 
 use super::request_id::X_REQUEST_ID;
 use super::request_task::{guarded, RequestTasks, RunToEnd};
+use crate::audit::sampling::{RefusalKind, RefusalSampler};
 use crate::audit::{bounded_path, AuditBatcher, AuditFacts, Outcome, Record};
-use crate::audit_sampling::{RefusalKind, RefusalSampler};
 use crate::callers::Peer;
 use crate::datafold::Answered;
 use crate::metrics::{self, Metrics, RequestLabels};

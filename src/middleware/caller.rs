@@ -5,7 +5,7 @@
 //! sets the Datafold key in its place.
 //!
 //! Strangers cost the callers nothing: their refusals are logged at debug only, sampled in the
-//! audit (see `audit_sampling.rs`), and limited per peer address by
+//! audit (see `audit/sampling.rs`), and limited per peer address by
 //! `[rate_limit.unauthenticated]`. Past that limit the answer is 429 and the connection is closed,
 //! so a flood pays a new handshake per few requests. A request with valid credentials is never
 //! counted against that limit, even from an address strangers also use (a NAT, an ingress).

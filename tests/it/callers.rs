@@ -7,8 +7,8 @@ use std::num::NonZeroU32;
 
 use bytes::Bytes;
 use common::{json, send_with, tls_client, Harness, TlsClient, API_KEY};
+use datafold_gateway::cli::standin::ThrowawayCa;
 use datafold_gateway::config::{CallerMode, Config, RateLimit, TokenCaller, TokenDigest};
-use datafold_gateway::standin::ThrowawayCa;
 use http::{Request, Version};
 use http_body_util::Full;
 

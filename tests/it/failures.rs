@@ -5,7 +5,7 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::{config_for, held_at_gate, json, Harness, API_KEY};
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
+use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use common::serve::Served;
 use common::{config_for, API_KEY};
+use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use datafold_gateway::config::ApiKeySource;
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http_body_util::{BodyExt, Full};
 
 /// The gateway's shutdown grace in these tests; a clean stop takes far less.

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{config_for, json, sample, Harness, API_KEY};
+use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use datafold_gateway::config::{Config, HeaderName, TokenCaller, TokenDigest};
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http::Request;
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -8,10 +8,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{config_for, json, sample, Harness, API_KEY};
+use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use datafold_gateway::config::{
     ApiKeySource, CallerMode, OnAuditFailure, RateLimit, TokenCaller, TokenDigest,
 };
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
 
 const NEW_KEY: &str = "dfk_live_ROTATED_0c4e8a2b6d1f9357";
 const START: &str = "/api/v1/data_sources/42/test";

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use datafold_gateway::config::{Http2Mode, Upstream};
 use datafold_gateway::error::UpstreamFailure;
 use datafold_gateway::pool::{Connector, Error, Pool};
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http::header::CONTENT_LENGTH;
 use http::{Request, Version};
 use http_body_util::{BodyExt, Full};

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
+use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use datafold_gateway::config::{ApiKeySource, Config};
 use datafold_gateway::gateway::Gateway;
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -197,7 +197,7 @@ pub fn json(body: &[u8]) -> serde_json::Value {
 /// client certificate if given, and offers the given ALPN protocols (`h2`, `http/1.1`).
 pub fn tls_client(
     ca: &ThrowawayCa,
-    identity: Option<&datafold_gateway::standin::Issued>,
+    identity: Option<&datafold_gateway::cli::standin::Issued>,
     http2: bool,
 ) -> TlsClient {
     use rustls_pki_types::pem::PemObject;

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use bytes::Bytes;
-use datafold_gateway::standin::{StandIn, ThrowawayCa};
+use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use http::Request;
 use http_body_util::{BodyExt, Full};
 

@@ -1,7 +1,7 @@
 //! Start-up as a process: configuration errors named by key and file, never a panic; where
 //! the config path comes from; `check-config`; and `runtime.workers`.
 
-use datafold_gateway::standin::ThrowawayCa;
+use datafold_gateway::cli::standin::ThrowawayCa;
 
 use super::harness::{run, send, setup, stderr, write_config};
 use crate::common::serve::Served;

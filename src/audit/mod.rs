@@ -10,6 +10,8 @@
 //! hop. Control work that may stall on a disk (reopen, probe, the final sync) runs on a
 //! blocking thread instead.
 
+pub mod sampling;
+
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
@@ -97,7 +99,7 @@ pub struct AuditFacts {
     pub job_id: Option<i64>,
     pub outcome: Option<Outcome>,
     pub limit: Option<Limit>,
-    /// Refused for want of credentials: the audit samples these (see `audit_sampling.rs`).
+    /// Refused for want of credentials: the audit samples these (see `audit/sampling.rs`).
     pub stranger: bool,
 }
 
@@ -112,7 +114,7 @@ impl AuditFacts {
 
 /// One line of the audit file. Every field is always present, `null` where unknown, except
 /// `path_truncated` (only when true) and `suppressed` (only on summary records, see
-/// `audit_sampling.rs`).
+/// `audit/sampling.rs`).
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
     /// When the request arrived; written as RFC 3339 UTC with microseconds, formatted straight
