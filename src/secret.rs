@@ -5,6 +5,7 @@
 //! tower-http's trace layer shows it as `Sensitive`.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
@@ -30,48 +31,41 @@ impl ApiKey {
             ApiKeySource::Env(name) => match std::env::var(name) {
                 Ok(value) => SecretString::from(value),
                 Err(std::env::VarError::NotPresent) => {
-                    return Err(KeyError(format!(
-                        "api_key.env: environment variable {name} is not set"
-                    )))
+                    return Err(KeyError::EnvNotSet { name: name.clone() })
                 }
                 Err(std::env::VarError::NotUnicode(_)) => {
-                    return Err(KeyError(format!(
-                        "api_key.env: environment variable {name} is not valid UTF-8"
-                    )))
+                    return Err(KeyError::EnvNotUtf8 { name: name.clone() })
                 }
             },
             ApiKeySource::File(path) => {
                 // Not `read_to_string`: a FIFO or a device in the key's place must not hang
                 // or exhaust the gateway.
-                let contents = files::read_regular(path, files::KEY_FILE_CAP)
-                    .map_err(|e| KeyError(format!("api_key.file: {e}")))?;
+                let contents =
+                    files::read_regular(path, files::KEY_FILE_CAP).map_err(KeyError::File)?;
                 files::warn_if_readable_by_others(path, &contents);
                 match String::from_utf8(contents.bytes) {
                     Ok(value) => SecretString::from(value),
-                    Err(_) => {
-                        return Err(KeyError(format!(
-                            "api_key.file: cannot read {}: stream did not contain valid UTF-8",
-                            path.display()
-                        )))
-                    }
+                    Err(_) => return Err(KeyError::FileNotUtf8 { path: path.clone() }),
                 }
             }
         };
-        Self::from_secret(&raw)
-            .map_err(|problem| KeyError(format!("{}: {problem}", describe(source))))
+        Self::from_secret(&raw).map_err(|problem| KeyError::Unusable {
+            from: source.clone(),
+            problem,
+        })
     }
 
     /// Builds the header from a key; the error says what is wrong without quoting the key.
-    pub fn from_secret(raw: &SecretString) -> Result<Self, &'static str> {
+    pub fn from_secret(raw: &SecretString) -> Result<Self, KeyProblem> {
         let key = raw.expose_secret().trim_end_matches(['\n', '\r']);
         if key.trim().is_empty() {
-            return Err("the API key is empty");
+            return Err(KeyProblem::Empty);
         }
         if key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
-            return Err("the API key contains whitespace or characters not allowed in a header");
+            return Err(KeyProblem::NotHeaderText);
         }
-        let mut header = HeaderValue::try_from(format!("Key {key}"))
-            .map_err(|_| "the API key is not a valid header value")?;
+        let mut header =
+            HeaderValue::try_from(format!("Key {key}")).map_err(|_| KeyProblem::NotHeaderValue)?;
         header.set_sensitive(true);
         Ok(Self { header })
     }
@@ -99,17 +93,44 @@ pub(crate) fn describe(source: &ApiKeySource) -> String {
     }
 }
 
-/// Why the key could not be loaded; never contains the key.
-#[derive(Debug)]
-pub struct KeyError(String);
-
-impl fmt::Display for KeyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+/// Why the key could not be loaded. Names the variable or the file, never holds the key: the
+/// variants keep only where the key was to come from and what is wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// `api_key.env` names a variable that is not set.
+    #[error("api_key.env: environment variable {name} is not set")]
+    EnvNotSet { name: String },
+    /// `api_key.env` names a variable whose value is not UTF-8.
+    #[error("api_key.env: environment variable {name} is not valid UTF-8")]
+    EnvNotUtf8 { name: String },
+    /// `api_key.file` cannot be read (missing, not a regular file, too large, unreadable).
+    #[error("api_key.file: {0}")]
+    File(#[source] files::FileError),
+    /// `api_key.file` was read but is not UTF-8 text.
+    #[error("api_key.file: cannot read {}: stream did not contain valid UTF-8", path.display())]
+    FileNotUtf8 { path: PathBuf },
+    /// The variable or file was read, but what it holds cannot be the key.
+    #[error("{}: {problem}", describe(from))]
+    Unusable {
+        from: ApiKeySource,
+        #[source]
+        problem: KeyProblem,
+    },
 }
 
-impl std::error::Error for KeyError {}
+/// What is wrong with a key that was read; says so without quoting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyProblem {
+    /// Nothing but whitespace (after the trailing newlines, which are not part of the key).
+    #[error("the API key is empty")]
+    Empty,
+    /// Whitespace or bytes outside printable ASCII, which a header cannot carry as they are.
+    #[error("the API key contains whitespace or characters not allowed in a header")]
+    NotHeaderText,
+    /// `Key <key>` is refused as a header value.
+    #[error("the API key is not a valid header value")]
+    NotHeaderValue,
+}
 
 #[cfg(test)]
 mod tests {
@@ -148,6 +169,13 @@ mod tests {
     #[test]
     fn bad_key_error_does_not_quote_it() {
         let err = ApiKey::from_secret(&SecretString::from(format!("{KEY} extra"))).unwrap_err();
-        assert!(!err.contains(KEY));
+        assert_eq!(err, KeyProblem::NotHeaderText);
+        let source = ApiKeySource::Env("DATAFOLD_GATEWAY_TEST_BAD_KEY".to_owned());
+        let err = KeyError::Unusable {
+            from: source,
+            problem: err,
+        };
+        let shown = format!("{err} {err:?}");
+        assert!(!shown.contains(KEY), "{shown}");
     }
 }
