@@ -28,12 +28,13 @@ pub enum GatewayError {
     /// `api_key.env` or `api_key.file` does not give a usable key.
     #[error(transparent)]
     ApiKey(#[from] KeyError),
-    /// The upstream's trust roots (`upstream.ca_file`) cannot be used.
-    #[error("{0}")]
-    Upstream(String),
+    /// The upstream's trust roots (`upstream.ca_file`) cannot be used, or `upstream.url` cannot
+    /// be checked against a certificate.
+    #[error(transparent)]
+    Upstream(TlsError),
     /// The main listener's certificate, key or client CA (`listen.tls_cert` and the rest).
-    #[error("{0}")]
-    ListenerTls(String),
+    #[error(transparent)]
+    ListenerTls(TlsError),
     #[error("audit.file: the folder {} of {} does not exist", folder.display(), file.display())]
     AuditFolderMissing { folder: PathBuf, file: PathBuf },
     #[error(transparent)]
@@ -56,6 +57,78 @@ pub enum GatewayError {
     /// Shutdown gave up waiting for the workers.
     #[error("workers did not stop within limits.shutdown_grace + {margin:?}; records of requests still in flight may be missing")]
     WorkersOverran { margin: Duration },
+}
+
+/// Why TLS cannot be set up: the upstream's side (`upstream.ca_file`, `upstream.url`) or the
+/// main listener's (`listen.tls_cert`, `listen.tls_key`, `listen.client_ca`). Each message
+/// names the setting and the file at fault; none quotes what a file holds.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate file (`key` names the setting) cannot be read.
+    #[error("{key}: cannot read {}: {source}", path.display())]
+    Unreadable {
+        key: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    /// A certificate file is not valid PEM.
+    #[error("{key}: {} is not valid PEM: {source}", path.display())]
+    NotPem {
+        key: &'static str,
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    /// A certificate file holds no PEM certificate at all.
+    #[error("{key}: {} holds no PEM certificate", path.display())]
+    NoCertificate { key: &'static str, path: PathBuf },
+    /// A trust root that rustls refuses; `what` says which kind ("certificate", "CA certificate").
+    #[error("{key}: {} holds an unusable {what}: {source}", path.display())]
+    UnusableRoot {
+        key: &'static str,
+        what: &'static str,
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    /// `listen.tls_key` holds no PEM private key that can be used.
+    #[error("listen.tls_key: {} holds no usable PEM private key: {source}", path.display())]
+    NoPrivateKey {
+        path: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    /// `listen.tls_key` is not the key of the certificate in `listen.tls_cert`.
+    #[error("listen.tls_key: {} does not fit the certificate in {}: {source}", key_path.display(), cert_path.display())]
+    KeyMismatch {
+        key_path: PathBuf,
+        cert_path: PathBuf,
+        source: rustls::Error,
+    },
+    /// No client-certificate verifier can be built from `listen.client_ca`.
+    #[error("listen.client_ca: {}: {source}", path.display())]
+    ClientVerifier {
+        path: PathBuf,
+        source: rustls::server::VerifierBuilderError,
+    },
+    /// The upstream's TLS client cannot be set up with safe protocol versions (a build problem).
+    #[error("TLS setup: {0}")]
+    UpstreamProtocols(#[source] rustls::Error),
+    /// The listener's TLS server cannot be set up with safe protocol versions (a build problem).
+    #[error("listen.tls_cert: TLS setup: {0}")]
+    ListenerProtocols(#[source] rustls::Error),
+    /// `upstream.url`'s host is neither a DNS name nor an IP address a certificate can name.
+    #[error("upstream.url: {host} cannot be checked against a certificate: {source}")]
+    UpstreamName {
+        host: String,
+        source: rustls_pki_types::InvalidDnsNameError,
+    },
+    /// `upstream.url`'s authority, without its default port, is not an authority.
+    #[error("upstream.url: {0}")]
+    UpstreamAuthority(#[source] http::uri::InvalidUri),
+    /// `upstream.url`'s authority cannot be sent as a `Host` header.
+    #[error("upstream.url: {authority} cannot be a Host header: {source}")]
+    HostHeader {
+        authority: String,
+        source: http::header::InvalidHeaderValue,
+    },
 }
 
 /// Stable error codes in gateway-made error bodies.

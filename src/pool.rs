@@ -46,6 +46,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{Http2Mode, Upstream as UpstreamConfig};
+use crate::error::TlsError;
 use crate::upstream::root_store;
 use crate::Body;
 
@@ -83,11 +84,11 @@ struct Settings {
 
 impl Connector {
     /// Checks `[upstream]` (trust roots, the URL's host as a TLS name); errors name the key.
-    pub fn new(config: &UpstreamConfig) -> Result<Self, String> {
+    pub fn new(config: &UpstreamConfig) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS setup: {e}"))?
+            .map_err(TlsError::UpstreamProtocols)?
             .with_root_certificates(root_store(config.ca_file.as_deref())?)
             .with_no_client_auth();
         tls.alpn_protocols = match config.http2 {
@@ -102,16 +103,21 @@ impl Connector {
             .strip_prefix('[')
             .and_then(|h| h.strip_suffix(']'))
             .unwrap_or(host);
-        let server_name = ServerName::try_from(bare.to_owned()).map_err(|e| {
-            format!("upstream.url: {host} cannot be checked against a certificate: {e}")
-        })?;
+        let server_name =
+            ServerName::try_from(bare.to_owned()).map_err(|source| TlsError::UpstreamName {
+                host: host.to_owned(),
+                source,
+            })?;
         let authority = if url.port_u16() == Some(443) {
-            Authority::try_from(host).map_err(|e| format!("upstream.url: {e}"))?
+            Authority::try_from(host).map_err(TlsError::UpstreamAuthority)?
         } else {
             url.clone()
         };
-        let host_header = HeaderValue::from_str(authority.as_str())
-            .map_err(|e| format!("upstream.url: {authority} cannot be a Host header: {e}"))?;
+        let host_header =
+            HeaderValue::from_str(authority.as_str()).map_err(|source| TlsError::HostHeader {
+                authority: authority.to_string(),
+                source,
+            })?;
         Ok(Self {
             settings: Arc::new(Settings {
                 tls: TlsConnector::from(Arc::new(tls)),
@@ -877,7 +883,7 @@ mod tests {
             ..UpstreamConfig::default()
         };
         config.http2 = Http2Mode::Never;
-        let err = Connector::new(&config).err().unwrap();
+        let err = Connector::new(&config).err().unwrap().to_string();
         assert!(err.starts_with("upstream.ca_file:"), "{err}");
     }
 

@@ -15,63 +15,76 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::Listen;
+use crate::error::TlsError;
 
 /// The listener's TLS acceptor, or `None` for plain HTTP (no `listen.tls_cert`).
-pub fn acceptor(listen: &Listen) -> Result<Option<TlsAcceptor>, String> {
+pub fn acceptor(listen: &Listen) -> Result<Option<TlsAcceptor>, TlsError> {
     let (Some(cert_path), Some(key_path)) = (&listen.tls_cert, &listen.tls_key) else {
         return Ok(None);
     };
     let chain = read_certificates("listen.tls_cert", cert_path)?;
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| {
-        format!(
-            "listen.tls_key: {} holds no usable PEM private key: {e}",
-            key_path.display()
-        )
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| TlsError::NoPrivateKey {
+        path: key_path.clone(),
+        source,
     })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("listen.tls_cert: TLS setup: {e}"))?;
+        .map_err(TlsError::ListenerProtocols)?;
     let builder = match &listen.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
             let mut roots = RootCertStore::empty();
             for cert in read_certificates("listen.client_ca", ca_path)? {
-                roots.add(cert).map_err(|e| {
-                    format!(
-                        "listen.client_ca: {} holds an unusable CA certificate: {e}",
-                        ca_path.display()
-                    )
+                roots.add(cert).map_err(|source| TlsError::UnusableRoot {
+                    key: "listen.client_ca",
+                    what: "CA certificate",
+                    path: ca_path.clone(),
+                    source,
                 })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
                 .build()
-                .map_err(|e| format!("listen.client_ca: {}: {e}", ca_path.display()))?;
+                .map_err(|source| TlsError::ClientVerifier {
+                    path: ca_path.clone(),
+                    source,
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        format!(
-            "listen.tls_key: {} does not fit the certificate in {}: {e}",
-            key_path.display(),
-            cert_path.display()
-        )
-    })?;
+    let mut config =
+        builder
+            .with_single_cert(chain, key)
+            .map_err(|source| TlsError::KeyMismatch {
+                key_path: key_path.clone(),
+                cert_path: cert_path.clone(),
+                source,
+            })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Some(TlsAcceptor::from(Arc::new(config))))
 }
 
-fn read_certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let pem =
-        std::fs::read(path).map_err(|e| format!("{key}: cannot read {}: {e}", path.display()))?;
+fn read_certificates(
+    key: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::Unreadable {
+        key,
+        path: path.to_owned(),
+        source,
+    })?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{key}: {} is not valid PEM: {e}", path.display()))?;
+        .map_err(|source| TlsError::NotPem {
+            key,
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{key}: {} holds no PEM certificate",
-            path.display()
-        ));
+        return Err(TlsError::NoCertificate {
+            key,
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
@@ -146,7 +159,7 @@ mod tests {
             tls_key: Some("/nonexistent/key.pem".into()),
             ..Listen::default()
         };
-        let err = acceptor(&listen).err().unwrap();
+        let err = acceptor(&listen).err().unwrap().to_string();
         assert!(
             err.starts_with("listen.tls_cert: cannot read /nonexistent/cert.pem"),
             "{err}"

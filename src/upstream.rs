@@ -33,7 +33,7 @@ use tower::Service;
 
 use crate::config::{Config, UpstreamUrl};
 use crate::datafold::Answered;
-use crate::error::{self, UpstreamFailure};
+use crate::error::{self, TlsError, UpstreamFailure};
 use crate::metrics::{KindLabels, Metrics};
 use crate::middleware::request_id::X_REQUEST_ID;
 use crate::middleware::route::Route;
@@ -41,30 +41,36 @@ use crate::pool::Pool;
 use crate::Body;
 
 /// Builds the TLS trust roots: the public web roots plus the PEM certificates in `ca_file`.
-pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, String> {
+pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, TlsError> {
+    const KEY: &str = "upstream.ca_file";
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca_file {
-        let pem = std::fs::read(path)
-            .map_err(|e| format!("upstream.ca_file: cannot read {}: {e}", path.display()))?;
+        let pem = std::fs::read(path).map_err(|source| TlsError::Unreadable {
+            key: KEY,
+            path: path.to_owned(),
+            source,
+        })?;
         let mut added = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| {
-                format!("upstream.ca_file: {} is not valid PEM: {e}", path.display())
+            let cert = cert.map_err(|source| TlsError::NotPem {
+                key: KEY,
+                path: path.to_owned(),
+                source,
             })?;
-            roots.add(cert).map_err(|e| {
-                format!(
-                    "upstream.ca_file: {} holds an unusable certificate: {e}",
-                    path.display()
-                )
+            roots.add(cert).map_err(|source| TlsError::UnusableRoot {
+                key: KEY,
+                what: "certificate",
+                path: path.to_owned(),
+                source,
             })?;
             added += 1;
         }
         if added == 0 {
-            return Err(format!(
-                "upstream.ca_file: {} holds no PEM certificate",
-                path.display()
-            ));
+            return Err(TlsError::NoCertificate {
+                key: KEY,
+                path: path.to_owned(),
+            });
         }
     }
     Ok(roots)
@@ -367,7 +373,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("empty.pem");
         std::fs::write(&path, "not a certificate\n").unwrap();
-        let err = root_store(Some(&path)).unwrap_err();
+        let err = root_store(Some(&path)).unwrap_err().to_string();
         assert!(
             err.contains("upstream.ca_file") && err.contains("empty.pem"),
             "{err}"
