@@ -21,14 +21,49 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditLog, ReopenError};
 use crate::callers::{CallerBook, SharedCallers};
-use crate::config::{ApiKeySource, Config};
+use crate::config::{ApiKeySource, CallerMode, Config, ConfigError};
 use crate::files;
 use crate::limits::{Limiters, SharedLimiters};
 use crate::metrics::{Metrics, ResultLabels};
-use crate::secret::{describe, ApiKey, SharedKey};
+use crate::secret::{describe, ApiKey, KeyError, SharedKey};
 use crate::stack::StackParts;
+
+/// Why a reload, a reopen or a watch did not happen; what was in effect stays in effect. Names
+/// the file and the setting at fault; never holds the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The new key was refused: unreadable, empty, or not a key.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// The config file could not be read in time (a FIFO, a device, a hung filesystem).
+    #[error("the config file: {0}")]
+    ConfigFile(#[source] files::FileError),
+    /// The config file was read but is not a valid configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The config file changes `callers.mode`, which only a restart can do.
+    #[error("{}: callers.mode: changing the mode ({from:?} to {to:?}) needs a restart", file.display())]
+    ModeChange {
+        file: PathBuf,
+        from: CallerMode,
+        to: CallerMode,
+    },
+    /// The audit file could not be reopened; the file open before is kept.
+    #[error(transparent)]
+    AuditReopen(#[from] ReopenError),
+    /// The folder of `what` (the key file, the config file) cannot be watched.
+    #[error("{what}: cannot watch {}: {source}", folder.display())]
+    Watch {
+        what: &'static str,
+        folder: PathBuf,
+        source: std::io::Error,
+    },
+    /// Watching a folder needs inotify, which only Linux has.
+    #[error("{what}: watching a folder needs Linux (inotify)")]
+    WatchUnsupported { what: &'static str },
+}
 
 /// How long a burst of changes in the key's folder is let settle before the key is read.
 const SETTLE: Duration = Duration::from_millis(200);
@@ -96,7 +131,7 @@ impl Control {
 
     /// Loads the key again from its source. `Ok(true)` if a different key is now in effect.
     /// An environment variable is read at start only, so it never changes.
-    pub async fn reload_key(&self) -> Result<bool, String> {
+    pub async fn reload_key(&self) -> Result<bool, ReloadError> {
         let config = self.inner.config.lock().await;
         let source = &config.api_key;
         let path = match source {
@@ -113,8 +148,8 @@ impl Control {
             move || ApiKey::load(&source)
         };
         let loaded = match files::off_runtime(path, load).await {
-            Ok(loaded) => loaded.map_err(|e| e.to_string()),
-            Err(e) => Err(format!("api_key.file: {e}")),
+            Ok(loaded) => loaded,
+            Err(e) => Err(KeyError::File(e)),
         };
         match loaded {
             Ok(key) if key.same_as(&self.inner.key.load()) => {
@@ -130,13 +165,13 @@ impl Control {
             Err(e) => {
                 self.count_key_reload("failure");
                 tracing::error!(error = %e, "new API key refused; the previous key stays in effect");
-                Err(e)
+                Err(e.into())
             }
         }
     }
 
     /// Reads the config file again and puts its `[callers]` and `[rate_limit]` in effect.
-    pub async fn reload_config(&self) -> Result<(), String> {
+    pub async fn reload_config(&self) -> Result<(), ReloadError> {
         let Some(path) = self.inner.config_path.get() else {
             return Ok(());
         };
@@ -144,11 +179,13 @@ impl Control {
         // On the blocking pool, under a deadline, as for the key.
         let load = {
             let path = path.clone();
-            move || Config::load(&path).map_err(|e| e.to_string())
+            move || Config::load(&path)
         };
         let result = match files::off_runtime(path, load).await {
-            Ok(loaded) => loaded.and_then(|new| self.swap_config(path, &current, new)),
-            Err(e) => Err(format!("the config file: {e}")),
+            Ok(loaded) => loaded
+                .map_err(ReloadError::from)
+                .and_then(|new| self.swap_config(path, &current, new)),
+            Err(e) => Err(ReloadError::ConfigFile(e)),
         };
         let label = if result.is_ok() { "success" } else { "failure" };
         self.inner
@@ -165,14 +202,13 @@ impl Control {
         path: &Path,
         current: &Arc<Config>,
         new: Config,
-    ) -> Result<Arc<Config>, String> {
+    ) -> Result<Arc<Config>, ReloadError> {
         if new.callers.mode != current.callers.mode {
-            return Err(format!(
-                "{}: callers.mode: changing the mode ({:?} to {:?}) needs a restart",
-                path.display(),
-                current.callers.mode,
-                new.callers.mode
-            ));
+            return Err(ReloadError::ModeChange {
+                file: path.to_owned(),
+                from: current.callers.mode,
+                to: new.callers.mode,
+            });
         }
         // What is not reloaded: kept as it is, and said if the file now differs.
         let mut in_effect = (**current).clone();
@@ -199,8 +235,8 @@ impl Control {
     }
 
     /// Opens the audit file again at its configured path (SIGUSR1, SIGHUP).
-    pub async fn reopen_audit(&self) -> Result<(), String> {
-        self.inner.audit.reopen().await
+    pub async fn reopen_audit(&self) -> Result<(), ReloadError> {
+        Ok(self.inner.audit.reopen().await?)
     }
 
     fn count_key_reload(&self, result: &'static str) {
@@ -224,7 +260,7 @@ impl Drop for FolderWatch {
 }
 
 /// Reloads the key whenever it changes in `key_file`'s folder.
-pub fn watch_key_file(key_file: &Path, control: Control) -> Result<FolderWatch, String> {
+pub fn watch_key_file(key_file: &Path, control: Control) -> Result<FolderWatch, ReloadError> {
     watch_file("api_key.file", key_file, move || {
         let control = control.clone();
         async move {
@@ -235,7 +271,7 @@ pub fn watch_key_file(key_file: &Path, control: Control) -> Result<FolderWatch, 
 
 /// Reloads `[callers]` and `[rate_limit]` whenever the config file changes in its folder (a
 /// Kubernetes ConfigMap update, which cannot send SIGHUP).
-pub fn watch_config_file(config_file: &Path, control: Control) -> Result<FolderWatch, String> {
+pub fn watch_config_file(config_file: &Path, control: Control) -> Result<FolderWatch, ReloadError> {
     watch_file("the config file", config_file, move || {
         let control = control.clone();
         async move {
@@ -252,7 +288,11 @@ pub fn watch_config_file(config_file: &Path, control: Control) -> Result<FolderW
 /// after writing), not every write: an audit file in the same folder must not wake this. Changes
 /// come in bursts; `on_change` runs once a burst has settled.
 #[cfg(target_os = "linux")]
-fn watch_file<F, Fut>(what: &str, file: &Path, on_change: F) -> Result<FolderWatch, String>
+fn watch_file<F, Fut>(
+    what: &'static str,
+    file: &Path,
+    on_change: F,
+) -> Result<FolderWatch, ReloadError>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
@@ -264,7 +304,11 @@ where
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
         _ => PathBuf::from("."),
     };
-    let cannot = |e: std::io::Error| format!("{what}: cannot watch {}: {e}", folder.display());
+    let cannot = |source: std::io::Error| ReloadError::Watch {
+        what,
+        folder: folder.clone(),
+        source,
+    };
     let inotify = Inotify::init().map_err(cannot)?;
     inotify
         .watches()
@@ -285,7 +329,6 @@ where
             || changed.is_some_and(|n| n.as_encoded_bytes().starts_with(b".."))
     };
     tracing::debug!(folder = %folder.display(), "watching {}'s folder", what);
-    let what = what.to_owned();
     let task = tokio::spawn(async move {
         while let Some(event) = events.next().await {
             match event {
@@ -313,10 +356,10 @@ where
 }
 
 #[cfg(not(target_os = "linux"))]
-fn watch_file<F, Fut>(what: &str, _: &Path, _: F) -> Result<FolderWatch, String>
+fn watch_file<F, Fut>(what: &'static str, _: &Path, _: F) -> Result<FolderWatch, ReloadError>
 where
     F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send,
 {
-    Err(format!("{what}: watching a folder needs Linux (inotify)"))
+    Err(ReloadError::WatchUnsupported { what })
 }

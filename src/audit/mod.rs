@@ -332,11 +332,11 @@ impl AuditLog {
     /// Opens the file at its path again; records appended before this call go to the old file
     /// (also those still waiting in a batcher), records after it to the new one. On failure the
     /// old file is kept. Runs on a blocking thread, as [`AuditLog::probe`].
-    pub async fn reopen(&self) -> Result<(), String> {
+    pub async fn reopen(&self) -> Result<(), ReopenError> {
         let shared = self.shared.clone();
         tokio::task::spawn_blocking(move || shared.reopen())
             .await
-            .unwrap_or_else(|e| Err(format!("audit.file: the reopen did not finish: {e}")))
+            .unwrap_or_else(|e| Err(ReopenError::Unfinished(e)))
     }
 
     /// Writes out what the batchers hold, syncs the file to disk and closes it: every append
@@ -364,7 +364,7 @@ impl Shared {
         }
     }
 
-    fn reopen(&self) -> Result<(), String> {
+    fn reopen(&self) -> Result<(), ReopenError> {
         let mut writer = self.lock_writer();
         self.write_out_batchers(&mut writer);
         writer.reopen()
@@ -776,12 +776,11 @@ impl Writer {
         ok
     }
 
-    fn reopen(&mut self) -> Result<(), String> {
+    fn reopen(&mut self) -> Result<(), ReopenError> {
         let Some(old) = self.file.as_ref() else {
-            return Err(format!(
-                "audit.file: {} is already closed (shutting down)",
-                self.path.display()
-            ));
+            return Err(ReopenError::Closed {
+                path: self.path.clone(),
+            });
         };
         match open_append(&self.path) {
             Ok(file) => {
@@ -793,40 +792,44 @@ impl Writer {
                 tracing::info!(file = %self.path.display(), "audit file reopened");
                 Ok(())
             }
-            Err(e) => {
-                let message = format!(
-                    "audit.file: cannot reopen {}: {e}; still writing to the file open before",
-                    self.path.display()
-                );
-                tracing::error!("{message}");
+            Err(source) => {
+                let error = ReopenError::Open {
+                    path: self.path.clone(),
+                    source,
+                };
+                tracing::error!("{error}");
                 // Records still reach the file open before (which rotation moved away); counted
                 // so that an alert on write errors sees that something is wrong.
                 self.options.errors.inc();
-                Err(message)
+                Err(error)
             }
         }
     }
 }
 
-/// The audit file cannot be opened.
-#[derive(Debug)]
+/// The audit file cannot be opened (at start).
+#[derive(Debug, thiserror::Error)]
+#[error("audit.file: cannot open {} for appending: {source}", path.display())]
 pub struct AuditError {
+    /// The file as configured in `audit.file`.
     pub path: PathBuf,
+    /// Why the open (or the stdout mirror's thread) failed.
     pub source: io::Error,
 }
 
-impl std::fmt::Display for AuditError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "audit.file: cannot open {} for appending: {}",
-            self.path.display(),
-            self.source
-        )
-    }
+/// Why the audit file was not reopened; the file open before is kept.
+#[derive(Debug, thiserror::Error)]
+pub enum ReopenError {
+    /// The log was closed at shutdown; nothing is written any more.
+    #[error("audit.file: {} is already closed (shutting down)", path.display())]
+    Closed { path: PathBuf },
+    /// The file at the configured path cannot be opened (the folder gone, no permission).
+    #[error("audit.file: cannot reopen {}: {source}; still writing to the file open before", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    /// The blocking task doing the reopen panicked or was cancelled.
+    #[error("audit.file: the reopen did not finish: {0}")]
+    Unfinished(#[source] tokio::task::JoinError),
 }
-
-impl std::error::Error for AuditError {}
 
 #[cfg(test)]
 mod tests {

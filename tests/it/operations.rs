@@ -201,11 +201,11 @@ async fn an_empty_or_missing_new_key_is_refused_and_the_old_one_kept() {
     .await;
     let key_file = h.dir.path().join("api-key");
     std::fs::write(&key_file, "\n").unwrap();
-    let err = h.control.reload_key().await.unwrap_err();
+    let err = h.control.reload_key().await.unwrap_err().to_string();
     assert!(err.contains("api-key") && err.contains("empty"), "{err}");
     assert!(!err.contains(NEW_KEY));
     std::fs::remove_file(&key_file).unwrap();
-    let err = h.control.reload_key().await.unwrap_err();
+    let err = h.control.reload_key().await.unwrap_err().to_string();
     assert!(err.contains("api-key"), "{err}");
     assert_eq!(
         upstream_status(&h).await,
