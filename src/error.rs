@@ -19,6 +19,7 @@ use serde::Serialize;
 
 use crate::audit::{AuditError, AuditFacts, Limit, Outcome};
 use crate::secret::KeyError;
+use crate::server::WorkerError;
 use crate::Body;
 
 /// Why the gateway cannot start, or stopped serving. Each message names the setting at fault where
@@ -35,8 +36,10 @@ pub enum GatewayError {
     /// The main listener's certificate, key or client CA (`listen.tls_cert` and the rest).
     #[error(transparent)]
     ListenerTls(TlsError),
+    /// The folder `audit.file` is to be created in does not exist.
     #[error("audit.file: the folder {} of {} does not exist", folder.display(), file.display())]
     AuditFolderMissing { folder: PathBuf, file: PathBuf },
+    /// The audit file cannot be opened for appending.
     #[error(transparent)]
     AuditFile(#[from] AuditError),
     /// `key` is the setting that asked for the address: `listen.addr` or `admin.addr`.
@@ -49,11 +52,12 @@ pub enum GatewayError {
     /// A bound socket could not tell its own address.
     #[error(transparent)]
     Socket(#[from] io::Error),
+    /// A worker's thread or runtime could not be started.
     #[error("cannot start worker {index}: {reason}")]
-    WorkerStart { index: usize, reason: String },
+    WorkerStart { index: usize, reason: WorkerError },
     /// A worker serves until told to stop; this one ended on its own.
     #[error("a worker ended unexpectedly: {0}")]
-    WorkerEnded(String),
+    WorkerEnded(WorkerError),
     /// Shutdown gave up waiting for the workers.
     #[error("workers did not stop within limits.shutdown_grace + {margin:?}; records of requests still in flight may be missing")]
     WorkersOverran { margin: Duration },

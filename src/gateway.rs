@@ -39,7 +39,7 @@ use crate::middleware::request_task::RequestTasks;
 use crate::pool::Connector;
 use crate::reload::{self, Control};
 use crate::secret::ApiKey;
-use crate::server::{bind_listeners, TlsListener, Worker};
+use crate::server::{bind_listeners, TlsListener, Worker, WorkerError};
 use crate::stack::StackParts;
 use crate::{telemetry, tls};
 
@@ -251,9 +251,9 @@ impl Gateway {
                 // a gateway short of a worker would leave its socket's callers unanswered.
                 Some(ended) = workers.join_next() => {
                     let why = match ended {
-                        Ok(Ok(Ok(()))) => "it stopped".to_owned(),
+                        Ok(Ok(Ok(()))) => WorkerError::Stopped,
                         Ok(Ok(Err(e))) => e,
-                        _ => "it panicked".to_owned(),
+                        _ => WorkerError::Panicked,
                     };
                     tracing::error!(error = %why, "a worker ended unexpectedly; shutting down");
                     failure = Some(GatewayError::WorkerEnded(why));

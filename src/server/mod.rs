@@ -13,3 +13,4 @@ mod worker;
 pub(crate) use connection::{Activity, InFlight, TlsListener};
 pub(crate) use listen::bind_listeners;
 pub(crate) use worker::Worker;
+pub use worker::WorkerError;

@@ -29,14 +29,39 @@ pub(crate) struct Worker {
     pub(crate) stop: watch::Receiver<bool>,
 }
 
-pub(crate) type WorkerEnded = Result<(), String>;
+/// How a worker's serving ended: `Ok` once told to stop and drained.
+pub(crate) type WorkerEnded = Result<(), WorkerError>;
+
+/// Why a worker could not start, or stopped serving before it was told to.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Its thread could not be started.
+    #[error("{0}")]
+    Thread(#[source] std::io::Error),
+    /// Its single-threaded runtime could not be built.
+    #[error("cannot start its runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// Its listening socket could not be registered with its runtime.
+    #[error("{0}")]
+    Listener(#[source] std::io::Error),
+    /// It ended before it was serving, without saying why.
+    #[error("it stopped before serving")]
+    StoppedBeforeServing,
+    /// It returned without being told to stop.
+    #[error("it stopped")]
+    Stopped,
+    /// It panicked, or its end could not be heard of.
+    #[error("it panicked")]
+    Panicked,
+}
 
 impl Worker {
     /// Starts the worker's thread and waits until it is serving; the returned future resolves
     /// when the worker has drained.
     pub(crate) async fn start(
         self,
-    ) -> Result<impl Future<Output = Result<WorkerEnded, oneshot::error::RecvError>>, String> {
+    ) -> Result<impl Future<Output = Result<WorkerEnded, oneshot::error::RecvError>>, WorkerError>
+    {
         let (ended_tx, ended) = oneshot::channel();
         let (ready_tx, ready) = oneshot::channel();
         std::thread::Builder::new()
@@ -52,18 +77,18 @@ impl Worker {
                         runtime.shutdown_timeout(Duration::from_millis(100));
                         outcome
                     }
-                    Err(e) => Err(format!("cannot start its runtime: {e}")),
+                    Err(e) => Err(WorkerError::Runtime(e)),
                 };
                 let _ = ended_tx.send(outcome);
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(WorkerError::Thread)?;
         if ready.await.is_ok() {
             return Ok(ended);
         }
         // It ended before it could serve: say why.
         Err(match ended.await {
             Ok(Err(e)) => e,
-            _ => "it stopped before serving".to_owned(),
+            _ => WorkerError::StoppedBeforeServing,
         })
     }
 
@@ -77,7 +102,7 @@ impl Worker {
             tls,
             stop: mut self_stop,
         } = self;
-        let listener = TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+        let listener = TcpListener::from_std(listener).map_err(WorkerError::Listener)?;
         let config = parts.config.clone();
         // The worker's own: shutdown waits for, and past its grace cancels, its requests only.
         let tasks = RequestTasks::default();
