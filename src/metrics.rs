@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, MetricEncoder, NoLabelSet};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -176,7 +176,7 @@ impl Buckets {
     }
 
     fn encode(&self, encoder: &mut MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let bounds = DURATION_BUCKETS.iter().copied().chain([f64::MAX]);
+        let bounds = DURATION_BUCKETS.iter().copied().chain([f64::INFINITY]);
         let buckets: Vec<(f64, u64)> = bounds.zip(self.counts).collect();
         encoder.encode_histogram::<NoLabelSet>(self.sum, self.count, &buckets, None)
     }
@@ -258,6 +258,21 @@ impl Collector for PerRequest {
     }
 }
 
+/// A family whose HELP and TYPE lines are listed before its first sample too, as they were
+/// before prometheus-client 0.24.1 (which leaves empty families out of the text).
+#[derive(Debug)]
+struct Listed<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Listed<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+}
+
 /// Every metric the gateway keeps; cheap to clone (each metric is shared inside).
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -299,22 +314,22 @@ impl Metrics {
         registry.register(
             "rate_limited",
             "Requests refused by a rate limit",
-            self.rate_limited.clone(),
+            Listed(self.rate_limited.clone()),
         );
         registry.register(
             "upstream_errors",
             "Failed exchanges with Datafold, by kind",
-            self.upstream_errors.clone(),
+            Listed(self.upstream_errors.clone()),
         );
         registry.register(
             "key_reloads",
             "Attempts to load a new API key (SIGHUP or a change in the key file's folder)",
-            self.key_reloads.clone(),
+            Listed(self.key_reloads.clone()),
         );
         registry.register(
             "config_reloads",
             "Attempts to reload [callers] and [rate_limit] on SIGHUP",
-            self.config_reloads.clone(),
+            Listed(self.config_reloads.clone()),
         );
         registry.register(
             "audit_write_errors",

@@ -39,7 +39,7 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 /// A certificate authority that lives as long as the process, for local TLS only.
 pub struct ThrowawayCa {
     cert: rcgen::Certificate,
-    key: KeyPair,
+    issuer: rcgen::Issuer<'static, KeyPair>,
 }
 
 /// A certificate and its private key, issued by a [`ThrowawayCa`].
@@ -71,7 +71,8 @@ impl ThrowawayCa {
         ];
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert, key })
+        let issuer = rcgen::Issuer::new(params, key);
+        Ok(Self { cert, issuer })
     }
 
     /// The CA certificate, PEM, for a trust store (`upstream.ca_file`).
@@ -112,7 +113,7 @@ impl ThrowawayCa {
 
     fn sign(&self, params: CertificateParams) -> Result<Issued, Error> {
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             chain: vec![cert.der().clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),

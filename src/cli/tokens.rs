@@ -13,7 +13,7 @@ pub fn generate() -> Result<String, String> {
     SystemRandom::new()
         .fill(&mut bytes)
         .map_err(|_| "the system's random number generator failed".to_owned())?;
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(bytes);
     Ok(format!("dfgw_{hex}"))
 }
 

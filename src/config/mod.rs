@@ -354,8 +354,11 @@ impl Config {
 
     /// Parses configuration text; `path` only names the source in errors.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let de = toml::Deserializer::new(text);
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        // A syntax error comes before deserialization, from a parse of the whole text: no key.
+        let de = toml::Deserializer::parse(text).map_err(|e| {
+            serde_path_to_error::Error::new(serde_path_to_error::Track::new().path(), e)
+        });
+        let config: Config = de.and_then(serde_path_to_error::deserialize).map_err(|e| {
             let key = e.path().to_string();
             let error = e.into_inner();
             // The position, not the offending line: that line may hold a secret pasted into

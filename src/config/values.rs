@@ -211,7 +211,7 @@ impl TokenDigest {
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 }
 
@@ -237,9 +237,7 @@ impl FromStr for TokenDigest {
             return Err(bad());
         }
         let mut bytes = [0; 32];
-        for (i, byte) in bytes.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
+        hex::decode_to_slice(s, &mut bytes).map_err(|_| bad())?;
         Ok(Self(bytes))
     }
 }
