@@ -307,7 +307,11 @@ impl<K: Hash + Eq + Clone> Bounded<K> {
     }
 
     fn check(&self, key: &K) -> Result<(), Duration> {
-        if self.checks.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY == 0 {
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SIZE_CHECK_EVERY)
+        {
             self.note_size();
         }
         if self.full.load(Ordering::Relaxed) && !self.cells.contains_key(key) {

@@ -105,7 +105,7 @@ impl RefusalSampler {
         let window = peers.entry(key).or_default();
         // Only a later second opens a new window: a request that started earlier and ends late
         // must not reopen one.
-        let fresh = window.second.map_or(true, |last| second > last);
+        let fresh = window.second.is_none_or(|last| second > last);
         if fresh && *written < MAX_WRITTEN_PER_SECOND {
             window.second = Some(second);
             *written += 1;

@@ -315,15 +315,15 @@ struct Filter<'a> {
 impl Filter<'_> {
     fn matches(&self, record: &Record) -> bool {
         self.data_source
-            .map_or(true, |id| record.data_source_id == Some(id))
+            .is_none_or(|id| record.data_source_id == Some(id))
             && self
                 .caller
-                .map_or(true, |caller| record.caller.as_deref() == Some(caller))
-            && self.since.map_or(true, |since| record.time >= since)
-            && self.until.map_or(true, |until| record.time < until)
+                .is_none_or(|caller| record.caller.as_deref() == Some(caller))
+            && self.since.is_none_or(|since| record.time >= since)
+            && self.until.is_none_or(|until| record.time < until)
             && self
                 .outcome
-                .map_or(true, |outcome| record.outcome() == Some(outcome))
+                .is_none_or(|outcome| record.outcome() == Some(outcome))
     }
 }
 
@@ -597,7 +597,7 @@ impl Summary {
                     self.jobs.entry(job_id).or_insert(Job { row, latest: None })
                 }
             };
-            if job.latest.map_or(true, |(at, _)| record.time >= at) {
+            if job.latest.is_none_or(|(at, _)| record.time >= at) {
                 job.latest = Some((record.time, verdict));
             }
         }
@@ -714,7 +714,7 @@ mod tests {
         }
     }
 
-    /// A record as the writer puts it in the audit file (`serde_json`, as `audit.rs` writes it).
+    /// A record as the writer puts it in the audit file (`serde_json`, as `audit/mod.rs` writes it).
     fn written(record: &audit::Record<'_>) -> Vec<u8> {
         serde_json::to_vec(record).expect("an audit record serializes")
     }
