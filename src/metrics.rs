@@ -117,7 +117,7 @@ impl Shards {
 #[derive(Debug)]
 struct Shard {
     /// The worker's requests in flight: the same count its shutdown drains (see
-    /// `middleware/audit.rs`), read here at scrape time.
+    /// `middleware/request_task.rs`), read here at scrape time.
     in_flight: TaskTracker,
     counts: Mutex<Counts>,
 }

@@ -170,12 +170,13 @@ mod tests {
     fn bad_key_error_does_not_quote_it() {
         let err = ApiKey::from_secret(&SecretString::from(format!("{KEY} extra"))).unwrap_err();
         assert_eq!(err, KeyProblem::NotHeaderText);
-        let source = ApiKeySource::Env("DATAFOLD_GATEWAY_TEST_BAD_KEY".to_owned());
-        let err = KeyError::Unusable {
-            from: source,
-            problem: err,
-        };
+        // The whole way a key file is loaded, with the key inside a value that is refused.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("datafold-key");
+        std::fs::write(&path, format!("{KEY} extra\n")).unwrap();
+        let err = ApiKey::load(&ApiKeySource::File(path.clone())).unwrap_err();
         let shown = format!("{err} {err:?}");
+        assert!(shown.contains(&*path.to_string_lossy()), "{shown}");
         assert!(!shown.contains(KEY), "{shown}");
     }
 }

@@ -2,9 +2,10 @@
 //! released to the caller.
 //!
 //! The record is made from what this layer saw of the request (time, peer, method, path,
-//! request id) and the [`AuditFacts`] the inner layers attached to the response (caller, route,
-//! ids, outcome, limit, upstream status). The facts are taken off the response: they are
-//! internal and never leave the gateway.
+//! request id), the [`AuditFacts`] the inner layers attached to the response (caller, route,
+//! ids, outcome, limit), and, for a forwarded request, what Datafold answered ([`Answered`]:
+//! upstream status, job id, test status and steps; its presence is what makes the outcome
+//! `forwarded`). Both are taken off the response: they are internal and never leave the gateway.
 //!
 //! How long a request lives (to its end even if the caller hangs up, tracked for shutdown,
 //! cancelled only past the shutdown grace, a panic answered) is `request_task.rs`: this layer
@@ -298,6 +299,61 @@ mod tests {
         assert!(record["duration_ms"].as_f64().unwrap() >= 0.0);
         assert!(record["ts"].as_str().unwrap().ends_with('Z'));
         log.close().await;
+    }
+
+    /// The record of a request whose inner answer carries `answered`, as the upstream service
+    /// leaves it, beside the route layer's facts.
+    async fn record_of_forwarded(answered: Answered) -> serde_json::Value {
+        let inner = tower::service_fn(move |_: Request<Body>| {
+            let answered = answered.clone();
+            async move {
+                let mut response = Response::new(Body::default());
+                response.extensions_mut().insert(answered);
+                response.extensions_mut().insert(AuditFacts {
+                    route: Some("test_result"),
+                    job_id: None,
+                    ..AuditFacts::default()
+                });
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let (_dir, path, log, service) = audited(inner);
+        let response = service
+            .oneshot(Request::new(Body::default()))
+            .await
+            .unwrap();
+        assert!(response.extensions().get::<Answered>().is_none());
+        log.close().await;
+        let line = std::fs::read_to_string(&path).unwrap();
+        serde_json::from_str(line.trim_end()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn what_datafold_answered_is_audited_and_makes_the_outcome_forwarded() {
+        let started = record_of_forwarded(Answered::read(true, 200, br#"{"job_id": 9}"#)).await;
+        assert_eq!(started["outcome"], "forwarded");
+        assert_eq!(started["upstream_status"], 200);
+        assert_eq!(started["job_id"], 9);
+        assert_eq!(started["test_status"], serde_json::Value::Null);
+
+        let body =
+            br#"{"status": "failed", "results": [{"step": "connection", "status": "failed"}]}"#;
+        let polled = record_of_forwarded(Answered::read(false, 200, body)).await;
+        assert_eq!(polled["test_status"], "failed");
+        assert_eq!(
+            polled["test_steps"],
+            serde_json::json!({"connection": "failed"})
+        );
+
+        // A result without steps has none in the record; an error answer is still forwarded.
+        let bare =
+            record_of_forwarded(Answered::read(false, 200, br#"{"status": "running"}"#)).await;
+        assert_eq!(bare["test_status"], "running");
+        assert_eq!(bare["test_steps"], serde_json::Value::Null);
+        let failed = record_of_forwarded(Answered::read(true, 500, b"oops")).await;
+        assert_eq!(failed["outcome"], "forwarded");
+        assert_eq!(failed["upstream_status"], 500);
+        assert_eq!(failed["job_id"], serde_json::Value::Null);
     }
 
     #[tokio::test]

@@ -160,16 +160,23 @@ mod tests {
     use std::num::NonZeroUsize;
     use tower::ServiceExt;
 
-    /// An upstream that starts job 7 for every test and answers every poll 200.
+    /// The data source whose test starts Datafold refuses (500, no job).
+    const REFUSED_BY_DATAFOLD: i64 = 500;
+
+    /// An upstream that starts job 7 for every test (but those of [`REFUSED_BY_DATAFOLD`]) and
+    /// answers every poll 200.
     fn upstream(request: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
         let mut response = Response::new(Body::default());
-        let started_test = matches!(
-            request.extensions().get::<Route>(),
-            Some(Route::TestConnection { .. })
-        );
-        response
-            .extensions_mut()
-            .insert(Answered::read(started_test, 200, br#"{"job_id": 7}"#));
+        let answered = match request.extensions().get::<Route>() {
+            Some(Route::TestConnection { data_source_id })
+                if *data_source_id == REFUSED_BY_DATAFOLD =>
+            {
+                Answered::read(true, 500, br#"{"detail": "internal error"}"#)
+            }
+            Some(Route::TestConnection { .. }) => Answered::read(true, 200, br#"{"job_id": 7}"#),
+            _ => Answered::read(false, 200, br#"{"status": "done"}"#),
+        };
+        response.extensions_mut().insert(answered);
         std::future::ready(Ok(response))
     }
 
@@ -218,6 +225,16 @@ mod tests {
                 data_source_id: 42
             })
         );
+    }
+
+    #[tokio::test]
+    async fn a_start_datafold_refused_books_no_job() {
+        let book = book(10);
+        let start = Route::TestConnection {
+            data_source_id: REFUSED_BY_DATAFOLD,
+        };
+        send(&book, true, "analytics", start).await;
+        assert!(book.is_empty());
     }
 
     /// After analytics started job 7 on data source 42: the statuses of a poll of job 7 by

@@ -306,7 +306,7 @@ fn path_generator_reaches_both_routes_and_refusals() {
 // ---------------------------------------------------------------------------------------------
 // Config loader
 
-/// Sections with the keys their structs know (config.rs); `[[callers.token]]` and the three
+/// Sections with the keys their structs know (src/config/); `[[callers.token]]` and the three
 /// rate limits are tables of their own.
 const SECTIONS: &[(&str, &[&str])] = &[
     (
@@ -423,7 +423,7 @@ const MEANINGFUL_STRINGS: &[&str] = &[
     "ÿa7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015a",
 ];
 
-/// Integers around the bounds config.rs checks, and beyond what TOML's i64 holds.
+/// Integers around the bounds src/config/ checks, and beyond what TOML's i64 holds.
 const INTEGER_LITERALS: &[&str] = &[
     "0",
     "1",
