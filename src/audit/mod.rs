@@ -10,6 +10,7 @@
 //! hop. Control work that may stall on a disk (reopen, probe, the final sync) runs on a
 //! blocking thread instead.
 
+pub mod chain;
 pub mod sampling;
 
 use std::collections::VecDeque;
