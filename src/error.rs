@@ -36,6 +36,9 @@ pub enum GatewayError {
     /// The main listener's certificate, key or client CA (`listen.tls_cert` and the rest).
     #[error(transparent)]
     ListenerTls(TlsError),
+    /// `audit.integrity_key_file` does not give a key.
+    #[error(transparent)]
+    IntegrityKey(#[from] crate::audit::chain::IntegrityKeyError),
     /// The folder `audit.file` is to be created in does not exist.
     #[error("audit.file: the folder {} of {} does not exist", folder.display(), file.display())]
     AuditFolderMissing { folder: PathBuf, file: PathBuf },

@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admin::{self, Health};
+use crate::audit::chain::{self, IntegrityKey};
 use crate::audit::sampling::RefusalSampler;
 use crate::audit::{AuditLog, WriterOptions};
 use crate::callers::CallerBook;
@@ -50,9 +51,12 @@ pub struct Prepared {
     pub upstream: Connector,
     /// TLS on the main listener, if `listen.tls_cert` is set.
     pub tls: Option<TlsAcceptor>,
+    /// The key the audit chain is linked under, if `audit.integrity_key_file` is set.
+    pub integrity_key: Option<IntegrityKey>,
 }
 
-/// Loads the key and the upstream trust roots, and checks that the audit file's folder exists.
+/// Loads the key, the upstream trust roots and the audit's integrity key, and checks that the
+/// audit file's folder exists.
 pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
     let key = ApiKey::load(&config.api_key)?;
     let upstream = Connector::new(&config.upstream).map_err(GatewayError::Upstream)?;
@@ -67,7 +71,16 @@ pub fn prepare(config: &Config) -> Result<Prepared, GatewayError> {
             file: config.audit.file.clone(),
         });
     }
-    Ok(Prepared { key, upstream, tls })
+    let integrity_key = match &config.audit.integrity_key_file {
+        Some(path) => Some(chain::load_key(path)?),
+        None => None,
+    };
+    Ok(Prepared {
+        key,
+        upstream,
+        tls,
+        integrity_key,
+    })
 }
 
 /// A gateway with its sockets bound, ready to [`run`](Gateway::run).
@@ -107,6 +120,7 @@ impl Gateway {
             WriterOptions {
                 stdout: config.audit.stdout,
                 errors: metrics.audit_write_errors.clone(),
+                integrity_key: prepared.integrity_key,
             },
         )?;
         let config = Arc::new(config);

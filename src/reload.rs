@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
+use crate::audit::chain::{self, IntegrityKeyError};
 use crate::audit::{AuditLog, ReopenError};
 use crate::callers::{CallerBook, SharedCallers};
 use crate::config::{ApiKeySource, CallerMode, Config, ConfigError};
@@ -50,6 +51,9 @@ pub enum ReloadError {
         from: CallerMode,
         to: CallerMode,
     },
+    /// The new audit integrity key was refused; the key in use before is kept.
+    #[error(transparent)]
+    IntegrityKey(#[from] IntegrityKeyError),
     /// The audit file could not be reopened; the file open before is kept.
     #[error(transparent)]
     AuditReopen(#[from] ReopenError),
@@ -119,14 +123,37 @@ impl Control {
         let _ = self.inner.config_path.set(path);
     }
 
-    /// What SIGHUP does: the key, then `[callers]` and `[rate_limit]`, then the audit file.
+    /// What SIGHUP does: the key, then `[callers]` and `[rate_limit]`, then the audit integrity
+    /// key, then the audit file.
     pub async fn reload(&self) {
         tracing::info!("reloading (SIGHUP)");
         let _ = self.reload_key().await;
         if let Err(e) = self.reload_config().await {
             tracing::error!(error = %e, "configuration not reloaded; the previous one stays in effect");
         }
+        if let Err(e) = self.reload_integrity_key().await {
+            tracing::error!(error = %e, "audit integrity key not reloaded; the key in use before stays");
+        }
         let _ = self.reopen_audit().await;
+    }
+
+    /// Reads `audit.integrity_key_file` again: the records after this are linked under the new
+    /// key, still after the last one linked under the old key. A verifier then needs both keys.
+    pub async fn reload_integrity_key(&self) -> Result<(), ReloadError> {
+        let config = self.inner.config.lock().await.clone();
+        let Some(path) = &config.audit.integrity_key_file else {
+            return Ok(());
+        };
+        let load = {
+            let path = path.clone();
+            move || chain::load_key(&path)
+        };
+        let key = files::off_runtime(path, load)
+            .await
+            .map_err(IntegrityKeyError::File)??;
+        self.inner.audit.set_integrity_key(Some(key)).await;
+        tracing::info!(file = %path.display(), "audit integrity key reloaded");
+        Ok(())
     }
 
     /// Loads the key again from its source. `Ok(true)` if a different key is now in effect.

@@ -19,7 +19,11 @@
 //! verifier (`datafold-gateway audit --verify`) walks the file and its rotated siblings and
 //! recomputes every link.
 
+use std::path::{Path, PathBuf};
+
 use ring::{digest, hmac};
+
+use crate::files::{self, FileError};
 
 /// What ends every chained line: this, the link's 64 hex characters, `"}`.
 pub const MEMBER: &[u8] = b",\"chain\":\"";
@@ -47,6 +51,24 @@ impl std::fmt::Debug for IntegrityKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("IntegrityKey(<redacted>)")
     }
+}
+
+/// Why `audit.integrity_key_file` gave no key. Names the file, never its contents.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrityKeyError {
+    /// The file could not be read (missing, not a regular file, too large, ...).
+    #[error("audit.integrity_key_file: {0}")]
+    File(#[from] FileError),
+    /// The file holds nothing but whitespace.
+    #[error("audit.integrity_key_file: {} is empty", .0.display())]
+    Empty(PathBuf),
+}
+
+/// Reads the key of a keyed chain from `path` (blocking: at start, or off the runtime).
+pub fn load_key(path: &Path) -> Result<IntegrityKey, IntegrityKeyError> {
+    let contents = files::read_regular(path, files::KEY_FILE_CAP)?;
+    IntegrityKey::from_file_bytes(&contents.bytes)
+        .ok_or_else(|| IntegrityKeyError::Empty(path.to_owned()))
 }
 
 /// The link of a record whose own bytes are `own`, after the record whose link is `prev` (none

@@ -27,6 +27,7 @@ use prometheus_client::metrics::counter::Counter;
 
 use serde::Serialize;
 
+use crate::audit::chain::IntegrityKey;
 use crate::datafold::TestSteps;
 use tokio::sync::Notify;
 
@@ -231,6 +232,8 @@ pub struct WriterOptions {
     pub stdout: bool,
     /// Counts records that could not be written.
     pub errors: Counter,
+    /// Links the records with HMAC-SHA256 under this key instead of SHA-256 (see `chain.rs`).
+    pub integrity_key: Option<IntegrityKey>,
 }
 
 /// A batch is written once it holds this much; records after it wait for the next `write`.
@@ -256,9 +259,16 @@ impl AuditLog {
         } else {
             None
         };
+        let (last_link, restart) = last_link_at_start(path, &file);
         let writer = Writer {
             // A crash in the middle of a write may have left half a line.
             torn: !ends_a_line(&file),
+            chain: Chain {
+                last: last_link,
+                restart,
+                expected_len: file.metadata().map_or(0, |m| m.len()),
+            },
+            scratch: Vec::new(),
             file: Some(file),
             path: path.to_owned(),
             options,
@@ -340,6 +350,16 @@ impl AuditLog {
             .unwrap_or_else(|e| Err(ReopenError::Unfinished(e)))
     }
 
+    /// Links the records written after this under `key` (plain SHA-256 with `None`). Runs on a
+    /// blocking thread, as [`AuditLog::probe`]: the writer may be stuck on a hung volume.
+    pub async fn set_integrity_key(&self, key: Option<IntegrityKey>) {
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            shared.lock_writer().options.integrity_key = key;
+        })
+        .await;
+    }
+
     /// Writes out what the batchers hold, syncs the file to disk and closes it: every append
     /// after this returns `false`. Runs on a blocking thread, so that a caller can bound it with
     /// a timeout.
@@ -387,6 +407,47 @@ impl Shared {
             }
         }
     }
+}
+
+/// Links each line of `batch` (records as serialized, each `{...}` and a newline) into the
+/// chain, into `out`: the first after `chain.last` (or starting a new chain, marked
+/// `chain_restart`, if `chain.restart` says so), each next after the one before. Returns the link
+/// of the last line; the chain itself moves only once the batch is in the file.
+fn link_batch(
+    chain: &Chain,
+    batch: &[u8],
+    out: &mut Vec<u8>,
+    key: Option<&IntegrityKey>,
+) -> Option<[u8; chain::LINK_LEN]> {
+    out.clear();
+    let mut last = chain.last;
+    let mut restart = chain.restart.is_some();
+    for line in batch.split_inclusive(|&b| b == b'\n') {
+        let Some(open) = line
+            .strip_suffix(b"\n")
+            .and_then(|l| l.strip_suffix(b"}"))
+            .filter(|open| !open.is_empty())
+        else {
+            // Not a record as `serialize_line` makes them; never happens, and never unlinked.
+            continue;
+        };
+        let own_start = out.len();
+        out.extend_from_slice(open);
+        let prev = if std::mem::take(&mut restart) {
+            out.extend_from_slice(chain::RESTART_MEMBER);
+            None
+        } else {
+            last
+        };
+        out.push(b'}');
+        let link = chain::link(prev.as_ref().map(|l| &l[..]), &out[own_start..], key);
+        out.pop();
+        out.extend_from_slice(chain::MEMBER);
+        out.extend_from_slice(&link);
+        out.extend_from_slice(b"\"}\n");
+        last = Some(link);
+    }
+    last
 }
 
 /// Appends `record` and a newline to `buffer`; on failure (logged), `buffer` is left as it was.
@@ -657,6 +718,67 @@ struct Writer {
     stdout: Option<std::sync::mpsc::SyncSender<Arc<[u8]>>>,
     /// Writes of records attempted: the tests see batching in it.
     writes: u64,
+    /// Where the hash chain stands.
+    chain: Chain,
+    /// The batch being written, its lines linked into the chain.
+    scratch: Vec<u8>,
+}
+
+/// The writer's place in the hash chain (see `chain.rs`).
+struct Chain {
+    /// The link of the last record in the file; `None` before the first record of a trail.
+    last: Option<[u8; chain::LINK_LEN]>,
+    /// Why the next record starts a new chain, if it must.
+    restart: Option<String>,
+    /// How long the file should be after the last write: shorter means someone truncated it.
+    expected_len: u64,
+}
+
+/// The link of the last record at start, from the file or, when it is empty, from the rotated
+/// `.1` beside it (a restart right after a rotation); and why the chain restarts, when the last
+/// line holds no link.
+fn last_link_at_start(path: &Path, file: &File) -> (Option<[u8; chain::LINK_LEN]>, Option<String>) {
+    let mut rotated = path.as_os_str().to_owned();
+    rotated.push(".1");
+    let rotated = PathBuf::from(rotated);
+    let found = match last_line(file) {
+        Some(line) => Some((line, path.to_owned())),
+        None => File::open(&rotated)
+            .ok()
+            .and_then(|f| last_line(&f))
+            .map(|line| (line, rotated)),
+    };
+    let Some((line, from)) = found else {
+        return (None, None);
+    };
+    match chain::split(&line) {
+        Some((_, link)) => (link.try_into().ok(), None),
+        None => (
+            None,
+            Some(format!(
+                "the last line of {} holds no chain link (written by an older version, or damaged)",
+                from.display()
+            )),
+        ),
+    }
+}
+
+/// The last complete line of `file` (without its newline), read from its end; `None` if it has
+/// none. A torn line after it (no newline) is passed over.
+fn last_line(file: &File) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    const TAIL: u64 = 64 * 1024;
+    let len = file.metadata().ok()?.len();
+    let start = len.saturating_sub(TAIL);
+    let mut tail = vec![0; (len - start) as usize];
+    file.read_exact_at(&mut tail, start).ok()?;
+    let end = tail.iter().rposition(|&b| b == b'\n')?;
+    let begin = tail[..end]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    // A line longer than the tail read is not one the writer made.
+    (begin > 0 || start == 0).then(|| tail[begin..end].to_vec())
 }
 
 /// Whether `file` is empty or ends with a newline (also when it cannot be read, such as
@@ -699,6 +821,24 @@ impl Writer {
             return false;
         };
         self.writes += 1;
+        // Someone cut the file short: what the last link points at is gone.
+        if let Ok(len) = file.metadata().map(|m| m.len()) {
+            if len < self.chain.expected_len && self.chain.restart.is_none() {
+                self.chain.restart = Some(format!(
+                    "{} was truncated from {} to {len} bytes",
+                    self.path.display(),
+                    self.chain.expected_len
+                ));
+            }
+            self.chain.expected_len = len;
+        }
+        let last = link_batch(
+            &self.chain,
+            batch,
+            &mut self.scratch,
+            self.options.integrity_key.as_ref(),
+        );
+        let batch = &self.scratch[..];
         let mut result = Ok(());
         if self.torn {
             result = file.write_all(b"\n");
@@ -711,6 +851,13 @@ impl Writer {
                 false
             }
         };
+        if ok {
+            if let Some(reason) = self.chain.restart.take() {
+                tracing::warn!(file = %self.path.display(), reason, "the audit chain starts anew (chain_restart)");
+            }
+            self.chain.last = last;
+            self.chain.expected_len += (batch.len() + usize::from(self.torn)) as u64;
+        }
         // Only a failure can leave half a line; then look at how the file ends.
         self.torn = !ok && !ends_a_line(file);
         self.healthy.store(ok, Ordering::Relaxed);
@@ -788,7 +935,29 @@ impl Writer {
                 if let Err(e) = old.sync_all() {
                     tracing::warn!(file = %self.path.display(), error = %e, "cannot sync the audit file being closed");
                 }
+                // The records the chain links to were removed, not moved: say so in the next one.
+                let removed = old
+                    .metadata()
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
+                let follows = match last_line(&file) {
+                    None => true,
+                    Some(line) => {
+                        chain::split(&line).map(|(_, link)| link)
+                            == self.chain.last.as_ref().map(|l| &l[..])
+                    }
+                };
+                if removed || !follows {
+                    self.chain.restart = Some(if removed {
+                        format!(
+                            "{} was removed, not moved, before it was reopened",
+                            self.path.display()
+                        )
+                    } else {
+                        format!("{} was replaced by a file that does not end with the last record written", self.path.display())
+                    });
+                }
                 self.torn = !ends_a_line(&file);
+                self.chain.expected_len = file.metadata().map_or(0, |m| m.len());
                 self.file = Some(file);
                 tracing::info!(file = %self.path.display(), "audit file reopened");
                 Ok(())
@@ -1075,5 +1244,165 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("/nonexistent-dir/audit.jsonl"));
+    }
+
+    /// Every line of `paths` (oldest first), as the chain sees them: `Ok` if each links to the
+    /// one before under `key`, else the 0-based index of the first line that does not. A line
+    /// carrying `chain_restart` starts afresh, as the first line does.
+    fn links_hold(paths: &[&Path], key: Option<&IntegrityKey>) -> Result<usize, usize> {
+        let mut prev: Option<Vec<u8>> = None;
+        let mut index = 0;
+        for path in paths {
+            for line in std::fs::read(path).unwrap().split(|&b| b == b'\n') {
+                if line.is_empty() {
+                    continue;
+                }
+                let (open, link) = chain::split(line).ok_or(index)?;
+                let restart = open.ends_with(chain::RESTART_MEMBER);
+                let after = if restart { None } else { prev.as_deref() };
+                if chain::link_of_parts(after, open, key)[..] != *link {
+                    return Err(index);
+                }
+                prev = Some(link.to_vec());
+                index += 1;
+            }
+        }
+        Ok(index)
+    }
+
+    fn restarts(path: &Path) -> usize {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .matches("\"chain_restart\":true")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn records_of_a_batch_and_of_concurrent_appends_form_one_chain() {
+        let (_dir, path, log) = fresh_log();
+        let batcher = log.batcher();
+        let appends: Vec<_> = (0..50u16)
+            .map(|i| batcher.append(&record(200 + i)))
+            .collect();
+        for written in futures_util::future::join_all(appends).await {
+            assert!(written);
+        }
+        let tasks: Vec<_> = (0..50u16)
+            .map(|i| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(&record(300 + i)).await })
+            })
+            .collect();
+        for task in tasks {
+            assert!(task.await.unwrap());
+        }
+        log.close().await;
+        assert_eq!(links_hold(&[&path], None), Ok(100));
+        assert_eq!(restarts(&path), 0);
+        // Changing one byte of one record breaks its link.
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, text.replacen("\"status\":230", "\"status\":231", 1)).unwrap();
+        assert_eq!(links_hold(&[&path], None), Err(30));
+    }
+
+    #[tokio::test]
+    async fn the_chain_goes_on_across_a_rotation_and_a_restart() {
+        let (dir, path, log) = fresh_log();
+        assert!(log.append(&record(200)).await);
+        let rotated = dir.path().join("audit.jsonl.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        log.reopen().await.unwrap();
+        assert!(log.append(&record(201)).await);
+        log.close().await;
+        // A new gateway on the same file links to its last record.
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        assert!(log.append(&record(202)).await);
+        log.close().await;
+        assert_eq!(links_hold(&[&rotated, &path], None), Ok(3));
+        // Rotated again while stopped: the new gateway finds the last link in `.1`.
+        let older = dir.path().join("audit.jsonl.2");
+        std::fs::rename(&rotated, &older).unwrap();
+        std::fs::rename(&path, &rotated).unwrap();
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        assert!(log.append(&record(203)).await);
+        log.close().await;
+        assert_eq!(links_hold(&[&older, &rotated, &path], None), Ok(4));
+        assert_eq!(restarts(&path), 0);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_or_removed_file_makes_the_next_record_a_restart() {
+        let (_dir, path, log) = fresh_log();
+        assert!(log.append(&record(200)).await);
+        assert!(log.append(&record(201)).await);
+        // Someone empties the file under the gateway.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(log.append(&record(202)).await);
+        assert!(log.append(&record(203)).await);
+        assert_eq!(restarts(&path), 1);
+        assert_eq!(links_hold(&[&path], None), Ok(2));
+        // Removed rather than moved, then reopened: the records linked to are gone.
+        std::fs::remove_file(&path).unwrap();
+        log.reopen().await.unwrap();
+        assert!(log.append(&record(204)).await);
+        log.close().await;
+        assert_eq!(restarts(&path), 1);
+        assert_eq!(links_hold(&[&path], None), Ok(1));
+    }
+
+    #[tokio::test]
+    async fn a_trail_without_links_is_followed_by_a_restart() {
+        let (_dir, path, log) = fresh_log();
+        log.close().await;
+        std::fs::write(&path, "{\"status\":200}\n").unwrap();
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        assert!(log.append(&record(201)).await);
+        log.close().await;
+        let text = std::fs::read_to_string(&path).unwrap();
+        let last = text.lines().last().unwrap();
+        assert!(last.contains("\"chain_restart\":true"), "{last}");
+    }
+
+    #[tokio::test]
+    async fn a_keyed_chain_holds_under_its_key_only_and_goes_on_under_a_new_one() {
+        let key = IntegrityKey::from_file_bytes(b"first-integrity-key").unwrap();
+        let next = IntegrityKey::from_file_bytes(b"second-integrity-key").unwrap();
+        let (dir, path, _) = fresh_log();
+        let options = WriterOptions {
+            integrity_key: Some(key.clone()),
+            ..WriterOptions::default()
+        };
+        let log = AuditLog::open(&path, options).unwrap();
+        assert!(log.append(&record(200)).await);
+        assert!(log.append(&record(201)).await);
+        assert_eq!(links_hold(&[&path], Some(&key)), Ok(2));
+        assert_eq!(links_hold(&[&path], None), Err(0));
+        assert_eq!(links_hold(&[&path], Some(&next)), Err(0));
+        // A new key (SIGHUP): the next record links to the last one, under the new key.
+        log.set_integrity_key(Some(next.clone())).await;
+        assert!(log.append(&record(202)).await);
+        log.close().await;
+        assert_eq!(links_hold(&[&path], Some(&key)), Err(2));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (old, new) = text.split_at(text.match_indices('\n').nth(1).unwrap().0 + 1);
+        let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+        std::fs::write(&first, old).unwrap();
+        std::fs::write(&second, new).unwrap();
+        assert_eq!(links_hold(&[&first], Some(&key)), Ok(2));
+        let last_old = chain::split(old.lines().last().unwrap().as_bytes())
+            .unwrap()
+            .1
+            .to_vec();
+        let (open, link) = chain::split(new.trim_end().as_bytes()).unwrap();
+        assert_eq!(
+            chain::link_of_parts(Some(&last_old), open, Some(&next))[..],
+            *link
+        );
+        assert!(!text.contains("integrity-key"));
     }
 }

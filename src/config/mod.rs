@@ -241,6 +241,10 @@ pub struct Audit {
     pub stdout: bool,
     /// What to do while records cannot be written (disk full, say).
     pub on_failure: OnAuditFailure,
+    /// A file holding a secret key: records are then linked with HMAC-SHA256 under it instead
+    /// of plain SHA-256, so that whoever can write the audit file but not read this cannot forge
+    /// a chain that verifies. Read at start and on SIGHUP.
+    pub integrity_key_file: Option<PathBuf>,
 }
 
 impl Default for Audit {
@@ -249,6 +253,7 @@ impl Default for Audit {
             file: PathBuf::from("audit.jsonl"),
             stdout: false,
             on_failure: OnAuditFailure::Refuse,
+            integrity_key_file: None,
         }
     }
 }

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{config_for, json, sample, Harness, API_KEY};
+use datafold_gateway::audit::chain::{self, IntegrityKey};
 use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
 use datafold_gateway::config::{
     ApiKeySource, CallerMode, OnAuditFailure, RateLimit, TokenCaller, TokenDigest,
@@ -358,4 +359,81 @@ async fn a_request_in_flight_keeps_the_key_it_started_with() {
         received[1].headers["authorization"],
         format!("Key {NEW_KEY}").as_str()
     );
+}
+
+const AUDIT_KEY: &str = "audit-integrity-FIRST-5b1d";
+const NEXT_AUDIT_KEY: &str = "audit-integrity-NEXT-93c0";
+
+/// The link each line of the audit file holds, and the one its own bytes give after the line
+/// before under `key`.
+fn links(path: &Path, key: &IntegrityKey) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let text = std::fs::read(path).unwrap();
+    let mut prev: Option<Vec<u8>> = None;
+    let mut found = Vec::new();
+    for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let (open, link) = chain::split(line).expect("every record carries a chain link");
+        let expected = chain::link_of_parts(prev.as_deref(), open, Some(key));
+        found.push((link.to_vec(), expected.to_vec()));
+        prev = Some(link.to_vec());
+    }
+    found
+}
+
+#[tokio::test]
+async fn the_audit_chain_is_keyed_by_its_key_file_and_a_new_key_is_taken_on_reload() {
+    let h = Harness::start_in(|dir, _, config| {
+        let key_file = dir.join("audit-integrity.key");
+        std::fs::write(&key_file, format!("{AUDIT_KEY}\n")).unwrap();
+        config.audit.integrity_key_file = Some(key_file);
+    })
+    .await;
+    assert_eq!(h.post(START).await.0.status(), 200);
+    let key_file = h.dir.path().join("audit-integrity.key");
+    std::fs::write(&key_file, "  \n").unwrap();
+    let err = h
+        .control
+        .reload_integrity_key()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("audit.integrity_key_file") && err.contains("empty"),
+        "{err}"
+    );
+    std::fs::write(&key_file, NEXT_AUDIT_KEY).unwrap();
+    h.control.reload_integrity_key().await.unwrap();
+    assert_eq!(h.post(START).await.0.status(), 200);
+
+    let first = IntegrityKey::from_file_bytes(AUDIT_KEY.as_bytes()).unwrap();
+    let next = IntegrityKey::from_file_bytes(NEXT_AUDIT_KEY.as_bytes()).unwrap();
+    let under_first = links(&h.audit_file, &first);
+    let under_next = links(&h.audit_file, &next);
+    assert_eq!(under_first.len(), 2);
+    // The first record under the first key; the second under the new key, linked to the first.
+    assert_eq!(under_first[0].0, under_first[0].1);
+    assert_ne!(under_first[1].0, under_first[1].1);
+    assert_eq!(under_next[1].0, under_next[1].1);
+    let text = std::fs::read_to_string(&h.audit_file).unwrap();
+    assert!(!text.contains(AUDIT_KEY) && !text.contains(NEXT_AUDIT_KEY));
+}
+
+#[test]
+fn a_missing_or_empty_integrity_key_file_stops_the_start_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ThrowawayCa::new("test CA").unwrap();
+    let mut config = config_for(dir.path(), &ca, "https://127.0.0.1:1");
+    let key_file = dir.path().join("audit-integrity.key");
+    config.audit.integrity_key_file = Some(key_file.clone());
+    let err = datafold_gateway::gateway::prepare(&config)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.starts_with("audit.integrity_key_file:"), "{err}");
+    assert!(err.contains("audit-integrity.key"), "{err}");
+    std::fs::write(&key_file, "\n").unwrap();
+    let err = datafold_gateway::gateway::prepare(&config)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("is empty"), "{err}");
 }
