@@ -24,11 +24,10 @@
 //! made (a file or key unreadable). `main` maps an error to 1, so this module ends the process
 //! itself for 1 and 2.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::{self, Write};
 use std::path::PathBuf;
-
-use serde_json::json;
 
 use super::audit::{audit_file, open_lines, trail_files, AuditArgs};
 use crate::audit::chain::{self, IntegrityKey, LINK_LEN};
@@ -204,23 +203,40 @@ impl Report {
         text
     }
 
-    /// What `--verify --json` prints: one JSON document.
+    /// What `--verify --json` prints: one JSON document, its members in the documented order.
     fn json(&self) -> String {
-        let broken = self.broken.as_ref().map(|broken| {
-            json!({
-                "file": self.files[broken.at.file].to_string_lossy(),
-                "line": broken.at.line,
-                "kind": broken.kind.name(),
-                "detail": broken.detail,
-            })
-        });
-        let document = json!({
-            "ok": self.broken.is_none(),
-            "records": self.records,
-            "files": self.files.iter().map(|file| file.to_string_lossy()).collect::<Vec<_>>(),
-            "broken": broken,
-        });
-        format!("{document}\n")
+        #[derive(serde::Serialize)]
+        struct Document<'a> {
+            ok: bool,
+            records: u64,
+            files: Vec<Cow<'a, str>>,
+            broken: Option<BrokenLink<'a>>,
+        }
+        #[derive(serde::Serialize)]
+        struct BrokenLink<'a> {
+            file: Cow<'a, str>,
+            line: u64,
+            kind: &'static str,
+            detail: &'a str,
+        }
+        let document = Document {
+            ok: self.broken.is_none(),
+            records: self.records,
+            files: self
+                .files
+                .iter()
+                .map(|file| file.to_string_lossy())
+                .collect(),
+            broken: self.broken.as_ref().map(|broken| BrokenLink {
+                file: self.files[broken.at.file].to_string_lossy(),
+                line: broken.at.line,
+                kind: broken.kind.name(),
+                detail: &broken.detail,
+            }),
+        };
+        let mut text = serde_json::to_string(&document).expect("the verdict serializes");
+        text.push('\n');
+        text
     }
 }
 
