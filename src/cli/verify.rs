@@ -13,7 +13,7 @@
 //! | `unchained` | a JSON object without a `chain` member |
 //! | `restart` | a record after the first carries `"chain_restart":true` |
 //! | `reordered` | the record after this one follows the record before it; or this record's link holds after another record of the trail than the one before it |
-//! | `removed` | no record of the trail explains the link, this record opens its file (or the trail) and the record after it does follow it: what came before it is gone |
+//! | `removed` | no record of the trail explains the link, this record opens its file (or the trail) and the record after it, if any, does follow it: what came before it is gone |
 //! | `changed` | no record of the trail explains the link, inside a file: this record was edited, or records just before it were removed (a hash chain cannot tell these apart) |
 //!
 //! The rules are tried in the order of the table. Only the verdict needs more than one pass:
