@@ -123,6 +123,14 @@ pub fn link_of_parts(
     link(prev, &own, key)
 }
 
+/// Whether a chained line's own bytes (`split`'s `open`) carry [`RESTART_MEMBER`], so that its
+/// link was made with no previous link. JSON escapes every `"` inside a string, so a field's
+/// value cannot look like the member.
+pub fn starts_new_chain(open: &[u8]) -> bool {
+    open.windows(RESTART_MEMBER.len())
+        .any(|window| window == RESTART_MEMBER)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -162,6 +170,15 @@ mod tests {
         assert!(split(upper.as_bytes()).is_none());
         let short = format!("{{\"a\":1,\"chain\":\"{}\"}}", "a".repeat(63));
         assert!(split(short.as_bytes()).is_none());
+    }
+
+    #[test]
+    fn a_restart_is_the_member_not_a_value_that_names_it() {
+        assert!(starts_new_chain(br#"{"status":200,"chain_restart":true"#));
+        assert!(!starts_new_chain(
+            br#"{"path":"/x\",\"chain_restart\":true"#
+        ));
+        assert!(!starts_new_chain(br#"{"status":200,"chain_restart":false"#));
     }
 
     #[test]

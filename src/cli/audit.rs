@@ -23,6 +23,8 @@
 //!   say nothing about the data source (list them with `--outcome`).
 //! - **refused**: requests the gateway answered itself, `rejected` or `rate_limited`.
 //! - **last tested**: the time of the latest test start counted in *started*.
+//!
+//! `--verify` checks the trail's hash chain instead, over the same files: see `cli/verify.rs`.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -69,13 +71,25 @@ pub struct AuditArgs {
     /// Only records with this outcome.
     #[arg(long, value_name = "O", value_enum)]
     pub outcome: Option<Outcome>,
-    /// Print the matching records as they are in the file, one JSON object a line.
+    /// Print the matching records as they are in the file, one JSON object a line (with
+    /// --verify: the verdict as one JSON document).
     #[arg(long, conflicts_with = "summary")]
     pub json: bool,
     /// Count tests started, succeeded and failed, and requests refused, per data source and
     /// caller.
     #[arg(long)]
     pub summary: bool,
+    /// Check the hash chain of the whole trail, oldest record first; exit 0 if every link holds,
+    /// 1 naming the first broken one, 2 if the check could not be made.
+    #[arg(
+        long,
+        conflicts_with_all = ["summary", "data_source", "caller", "since", "until", "outcome"]
+    )]
+    pub verify: bool,
+    /// With --verify: the key of a keyed trail (`audit.integrity_key_file`). Give it once per
+    /// key the trail may have been written with; a record holds under any of them.
+    #[arg(long, value_name = "PATH", requires = "verify")]
+    pub integrity_key_file: Vec<PathBuf>,
 }
 
 /// `--outcome` takes the outcomes the writer knows, spelled as records spell them.
@@ -91,6 +105,9 @@ impl clap::ValueEnum for Outcome {
 
 /// Runs the query; the error names the file or flag at fault and what to do.
 pub fn run(args: &AuditArgs) -> Result<(), String> {
+    if args.verify {
+        return super::verify::run(args);
+    }
     if let (Some(since), Some(until)) = (args.since, args.until) {
         if since >= until {
             return Err(format!(
@@ -138,7 +155,7 @@ pub fn run(args: &AuditArgs) -> Result<(), String> {
 }
 
 /// The audit file named by --file, or else by the configuration's `[audit] file`.
-fn audit_file(args: &AuditArgs) -> Result<PathBuf, String> {
+pub(super) fn audit_file(args: &AuditArgs) -> Result<PathBuf, String> {
     if let Some(file) = &args.file {
         return Ok(file.clone());
     }
@@ -151,6 +168,12 @@ fn audit_file(args: &AuditArgs) -> Result<PathBuf, String> {
 
 /// The live audit file's rotated siblings, oldest first, then the live file.
 fn audit_files(live: &Path) -> Result<Vec<PathBuf>, String> {
+    trail_files(live, false)
+}
+
+/// [`audit_files`]; with `strict`, a folder that cannot be listed is an error rather than a
+/// warning and the live file alone (a check of the whole trail cannot leave files out).
+pub(super) fn trail_files(live: &Path, strict: bool) -> Result<Vec<PathBuf>, String> {
     let not_readable =
         |why: String| format!("cannot read the audit file {}: {why}", live.display());
     let metadata = fs::metadata(live).map_err(|e| not_readable(e.to_string()))?;
@@ -166,6 +189,12 @@ fn audit_files(live: &Path) -> Result<Vec<PathBuf>, String> {
     };
     let entries = match fs::read_dir(folder) {
         Ok(entries) => entries,
+        Err(e) if strict => {
+            return Err(format!(
+                "cannot list {} for rotated audit files: {e}",
+                folder.display()
+            ))
+        }
         Err(e) => {
             eprintln!(
                 "warning: cannot list {} for rotated audit files ({e}); reading only {}",
@@ -418,7 +447,7 @@ impl<'a> Scan<'a> {
 }
 
 /// The lines of a file, decompressed if its name ends in `.gz`.
-fn open_lines(path: &Path) -> io::Result<Box<dyn BufRead>> {
+pub(super) fn open_lines(path: &Path) -> io::Result<Box<dyn BufRead>> {
     let file = File::open(path)?;
     const BUFFER: usize = 64 * 1024;
     if path.extension().is_some_and(|ext| ext == "gz") {

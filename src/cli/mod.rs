@@ -16,3 +16,5 @@ pub mod hash_token;
 pub mod standin;
 /// Caller tokens as `hash-token` makes and hashes them.
 pub mod tokens;
+/// `audit --verify`: walks the audit trail oldest first and checks every record's `chain` link.
+pub mod verify;

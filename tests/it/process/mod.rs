@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod audit_verify;
 mod commands;
 mod output;
 mod reload;
