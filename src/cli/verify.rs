@@ -158,6 +158,9 @@ pub(super) struct Report {
     per_file: Vec<u64>,
     /// Records whose link holds: all of them, or those before the broken one.
     records: u64,
+    /// The trail's first record follows a record no longer in it (rotated out, or removed):
+    /// the links from the second record on are checked, the first one's cannot be.
+    starts_mid_chain: bool,
     broken: Option<Broken>,
 }
 
@@ -180,6 +183,13 @@ impl Report {
                 );
                 for (file, records) in self.files.iter().zip(&self.per_file) {
                     let _ = writeln!(text, "  {} ({})", file.display(), count(*records, "record"));
+                }
+                if self.starts_mid_chain {
+                    let _ = writeln!(
+                        text,
+                        "the trail starts after records it no longer holds (older files rotated \
+                         out, or removed): its first record's own link cannot be checked"
+                    );
                 }
             }
             Some(broken) => {
@@ -210,6 +220,7 @@ impl Report {
             ok: bool,
             records: u64,
             files: Vec<Cow<'a, str>>,
+            starts_mid_chain: bool,
             broken: Option<BrokenLink<'a>>,
         }
         #[derive(serde::Serialize)]
@@ -227,6 +238,7 @@ impl Report {
                 .iter()
                 .map(|file| file.to_string_lossy())
                 .collect(),
+            starts_mid_chain: self.starts_mid_chain,
             broken: self.broken.as_ref().map(|broken| BrokenLink {
                 file: self.files[broken.at.file].to_string_lossy(),
                 line: broken.at.line,
@@ -394,12 +406,22 @@ pub(super) fn verify(files: &[PathBuf], keys: &[IntegrityKey]) -> Result<Report,
         files: files.to_vec(),
         per_file: vec![0; files.len()],
         records: 0,
+        starts_mid_chain: false,
         broken: None,
     };
     let mut reader = Reader::new(files);
     // The link of the last record that held, and where it is.
     let mut prev: Option<([u8; LINK_LEN], At)> = None;
-    while let Some(item) = reader.next_line()? {
+    // A line read ahead to judge the one before it, to be checked in its turn.
+    let mut ahead: Option<Item> = None;
+    loop {
+        let item = match ahead.take() {
+            Some(item) => item,
+            None => match reader.next_line()? {
+                Some(item) => item,
+                None => break,
+            },
+        };
         let found = |kind, detail: &str| Broken {
             at: item.at,
             kind,
@@ -451,6 +473,26 @@ pub(super) fn verify(files: &[PathBuf], keys: &[IntegrityKey]) -> Result<Report,
         // One record ahead is enough for most verdicts; a read error there only means less
         // to go on.
         let next = reader.next_line().ok().flatten();
+        // The trail's first record, followed by the next one: the records before it are gone,
+        // as `rotate N` in logrotate removes the oldest files. That is where the trail starts.
+        let next_follows = next.as_ref().is_some_and(|next| match read_line(next) {
+            Line::Chained {
+                open: next_open,
+                link: next_link,
+                restart: false,
+            } => keys.hold(Some(link), next_open, next_link),
+            _ => false,
+        });
+        if prev.is_none() && !restart && next_follows {
+            let mut held = [0; LINK_LEN];
+            held.copy_from_slice(link);
+            prev = Some((held, item.at));
+            report.starts_mid_chain = true;
+            report.records += 1;
+            report.per_file[item.at.file] += 1;
+            ahead = next;
+            continue;
+        }
         let (kind, detail) = classify(
             files,
             &keys,
@@ -769,12 +811,25 @@ mod tests {
         // A whole rotated file.
         let report = Trail::new(None, |files| files[1].clear()).check(&[]);
         assert_eq!(broken(&report), at("audit.jsonl", 1, Kind::Removed));
-        // The start of the trail.
+        // The start of the trail, as logrotate's `rotate N` removes it: checked from there on.
         let report = Trail::new(None, |files| {
             files[0].remove(0);
         })
         .check(&[]);
-        assert_eq!(broken(&report), at("audit.jsonl.2.gz", 1, Kind::Removed));
+        assert!(report.broken.is_none(), "{:?}", report.broken);
+        assert!(report.starts_mid_chain);
+        assert!(
+            report.text().contains("no longer holds"),
+            "{}",
+            report.text()
+        );
+        // ...but a changed record right after that start is still found.
+        let report = Trail::new(None, |files| {
+            files[0].remove(0);
+            files[0][1] = files[0][1].replace("\"status\":", "\"status\":1");
+        })
+        .check(&[]);
+        assert!(report.broken.is_some());
     }
 
     #[test]

@@ -165,3 +165,90 @@ fn no_check_made_exits_two() {
     );
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// `n` requests at once to a running gateway, each answered 200.
+async fn burst(served: &crate::common::serve::Served, n: usize) {
+    let addr = served.addr.clone();
+    let sends: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = addr.clone();
+            tokio::spawn(async move {
+                let path = format!("/api/v1/data_sources/{}/test", 10 + i);
+                super::harness::send(&addr, "POST", &path, &[]).await
+            })
+        })
+        .collect();
+    for sent in sends {
+        assert_eq!(sent.await.unwrap(), 200);
+    }
+}
+
+#[tokio::test]
+async fn what_the_gateway_writes_verifies_across_rotation_gzip_and_restart() {
+    use std::io::Write;
+    let key_text = "e2e-audit-integrity-key-7f21";
+    let setup = super::harness::setup("").await;
+    let key_file = setup.dir.path().join("audit-integrity.key");
+    std::fs::write(&key_file, key_text).unwrap();
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "[audit]\n",
+        &format!("[audit]\nintegrity_key_file = {key_file:?}\n"),
+    );
+    std::fs::write(&setup.config, config).unwrap();
+    let audit = setup.dir.path().join("audit.jsonl");
+    let (rotated, older) = (
+        setup.dir.path().join("audit.jsonl.1"),
+        setup.dir.path().join("audit.jsonl.2.gz"),
+    );
+
+    let served = crate::common::serve::Served::start(&setup.config, &[]);
+    burst(&served, 20).await;
+    // Rotated as logrotate does it, and compressed (the siblings are read oldest first, by
+    // their modification times: the compressed file is made before the next records).
+    std::fs::rename(&audit, &rotated).unwrap();
+    served.signal(libc::SIGUSR1);
+    served.wait_for_log("audit file reopened");
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&older).unwrap(),
+        flate2::Compression::default(),
+    );
+    gz.write_all(&std::fs::read(&rotated).unwrap()).unwrap();
+    gz.finish().unwrap();
+    std::fs::remove_file(&rotated).unwrap();
+    burst(&served, 20).await;
+    served.terminate();
+    assert!(served.wait().0.success());
+    std::fs::rename(&audit, &rotated).unwrap();
+    // A new gateway after the restart: the live file starts empty, its chain goes on from `.1`.
+    let served = crate::common::serve::Served::start(&setup.config, &[]);
+    burst(&served, 10).await;
+    served.terminate();
+    assert!(served.wait().0.success());
+
+    let key_arg = key_file.to_str().unwrap();
+    let output = verify(&audit, &["--integrity-key-file", key_arg, "--json"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let document: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(document["records"], 50);
+    assert_eq!(document["starts_mid_chain"], false);
+    // Without the key, nothing holds.
+    assert_eq!(verify(&audit, &[]).status.code(), Some(1));
+    // One field changed in the live file: found at its line.
+    let text = std::fs::read_to_string(&audit).unwrap();
+    let edited = text.replacen("\"status\":200", "\"status\":500", 1);
+    std::fs::write(&audit, edited).unwrap();
+    let output = verify(&audit, &["--integrity-key-file", key_arg, "--json"]);
+    assert_eq!(output.status.code(), Some(1));
+    let document: Value = serde_json::from_str(&stdout(&output)).unwrap();
+    assert_eq!(document["broken"]["file"], audit.to_str().unwrap());
+    assert_eq!(document["broken"]["line"], 1);
+    for output in [stdout(&output), stderr(&output)] {
+        assert!(!output.contains(key_text));
+    }
+}
