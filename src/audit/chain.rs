@@ -75,24 +75,26 @@ pub fn load_key(path: &Path) -> Result<IntegrityKey, IntegrityKeyError> {
 /// for the first record of a chain), as 64 lowercase hex characters.
 pub fn link(prev: Option<&[u8]>, own: &[u8], key: Option<&IntegrityKey>) -> [u8; LINK_LEN] {
     let prev = prev.unwrap_or_default();
-    let tag = match key {
+    let mut hex = [0u8; LINK_LEN];
+    let encode = |tag: &[u8], hex: &mut [u8; LINK_LEN]| {
+        hex::encode_to_slice(tag, hex).expect("32 bytes are 64 hex characters");
+    };
+    match key {
         Some(IntegrityKey(key)) => {
             let mut context = hmac::Context::with_key(key);
             context.update(prev);
             context.update(b"\n");
             context.update(own);
-            context.sign().as_ref().to_vec()
+            encode(context.sign().as_ref(), &mut hex);
         }
         None => {
             let mut context = digest::Context::new(&digest::SHA256);
             context.update(prev);
             context.update(b"\n");
             context.update(own);
-            context.finish().as_ref().to_vec()
+            encode(context.finish().as_ref(), &mut hex);
         }
-    };
-    let mut hex = [0u8; LINK_LEN];
-    hex::encode_to_slice(tag, &mut hex).expect("32 bytes are 64 hex characters");
+    }
     hex
 }
 
