@@ -1255,7 +1255,7 @@ def scenario1_targets(baseline: bool) -> list[str]:
 def baseline_section(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict]) -> list[str]:
     """The gateway against another build of itself (--baseline-gateway), per upstream shape."""
     label = meta["baseline"]["label"]
-    out = [f"## Against the baseline build: {label} (scenario 1)", ""]
+    out = [f"## Against the baseline build (scenario 1): {label}", ""]
     add = out.append
     add(f"`gateway` is this checkout ({meta['versions']['gateway']}); `baseline` is datafold-gateway "
         f"built at {label}, with the same config (its own ports and audit file), run right after "
