@@ -31,20 +31,19 @@ for arg in "$@"; do
 done
 
 # --baseline REV (or --baseline=REV) is run.sh's own: taken out, everything else goes to bench.py.
+baseline_given=0
 baseline_rev=""
 pass=()
 while [ "$#" -gt 0 ]; do
     case "$1" in
-        --baseline)
-            [ "$#" -ge 2 ] && [ -n "$2" ] || { echo "--baseline needs a git revision (HEAD~3, a commit id, a tag)" >&2; exit 2; }
-            baseline_rev="$2"; shift 2 ;;
-        --baseline=*)
-            baseline_rev="${1#--baseline=}"
-            [ -n "$baseline_rev" ] || { echo "--baseline needs a git revision (HEAD~3, a commit id, a tag)" >&2; exit 2; }
-            shift ;;
+        --baseline) baseline_given=1; baseline_rev="${2-}"; shift; [ "$#" -eq 0 ] || shift ;;
+        --baseline=*) baseline_given=1; baseline_rev="${1#--baseline=}"; shift ;;
         *) pass+=("$1"); shift ;;
     esac
 done
+case "$baseline_given:$baseline_rev" in
+    1:|1:-*) echo "--baseline needs a git revision (HEAD~3, a commit id, a tag)" >&2; exit 2 ;;
+esac
 # Resolved now, before any build, so that a mistyped revision fails at once.
 baseline_id=""
 if [ -n "$baseline_rev" ]; then
