@@ -13,6 +13,9 @@ Everything runs on loopback with ephemeral ports:
   nginx           nginx as the proxy
   haproxy         HAProxy as the proxy
   gateway         datafold-gateway, open callers, no rate limits
+  gateway-baseline
+                  only with --baseline-gateway: another build of the gateway (run.sh --baseline
+                  REV builds one at a git revision), same config as gateway, run right after it
   gateway-lua     the same gateway, driven through wrk's per-request Lua hook (one fixed request):
                   what scenario 2's load script costs wrk, measured
   gateway-many    scenario 2: 1,000 token callers, 100,000 data source ids, limits on but high
@@ -61,6 +64,8 @@ HIGH_BURST = 1_000_000
 MANY_MAX_TRACKED_KEYS = 200_000
 
 SCENARIO1 = ["direct", "nginx", "haproxy", "gateway"]
+# With --baseline-gateway: another build of the gateway, in scenario 1 right after `gateway`.
+BASELINE = "gateway-baseline"
 SCENARIO2 = ["gateway-lua", "gateway-many"]
 # Upstream shapes: what the upstream's ALPN offers. Scenario 1 runs against each chosen shape.
 SHAPES = {
@@ -74,6 +79,7 @@ LABELS = {
     "nginx": "nginx proxy",
     "haproxy": "HAProxy",
     "gateway": "datafold-gateway",
+    BASELINE: "datafold-gateway, baseline build",  # main() adds the baseline's label
     "gateway-lua": "datafold-gateway, Lua-driven control",
     "gateway-many": "datafold-gateway, 1,000 callers × 100,000 ids",
 }
@@ -367,10 +373,15 @@ class Bench:
         # Ports per upstream shape: the upstream's listener and each scenario 1 proxy's.
         self.up_port, self.nginx_port, self.haproxy_port, self.gw_port, self.gw_admin = (
             {}, {}, {}, {}, {})
-        ports = free_ports(5 * len(SHAPES) + 2)
+        # With --baseline-gateway, its own listener and admin port per shape too.
+        self.baseline_bin: str | None = self.args.baseline_gateway
+        self.base_port, self.base_admin = {}, {}
+        ports = free_ports((7 if self.baseline_bin else 5) * len(SHAPES) + 2)
         for shape in SHAPES:
             (self.up_port[shape], self.nginx_port[shape], self.haproxy_port[shape],
              self.gw_port[shape], self.gw_admin[shape]) = (ports.pop() for _ in range(5))
+            if self.baseline_bin:
+                self.base_port[shape], self.base_admin[shape] = ports.pop(), ports.pop()
         self.many_port, self.many_admin = ports.pop(), ports.pop()
         # Scenario 2 runs against the first chosen shape (h2 unless only h1 is chosen).
         self.shapes: list[str] = self.args.shapes
@@ -425,6 +436,14 @@ class Bench:
                 "KEY_FILE": self.key_file, "AUDIT_FILE": self.work / f"gateway-{shape}.audit.jsonl",
                 "CALLERS": open_callers, "RATE_LIMITS": no_limits,
             }))
+            if self.baseline_bin:
+                # The gateway's config but for its ports and audit file.
+                (self.work / f"{BASELINE}-{shape}.toml").write_text(fill("gateway.toml.in", s | {
+                    "LISTEN_PORT": self.base_port[shape], "ADMIN_PORT": self.base_admin[shape],
+                    "KEY_FILE": self.key_file,
+                    "AUDIT_FILE": self.work / f"{BASELINE}-{shape}.audit.jsonl",
+                    "CALLERS": open_callers, "RATE_LIMITS": no_limits,
+                }))
         v = self.common(self.many_shape)
         entries = ['[callers]\nmode = "token"']
         for i in range(MANY_CALLERS):
@@ -446,7 +465,8 @@ class Bench:
         run = lambda argv: subprocess.run(argv, capture_output=True, text=True, timeout=60)
         nginx_t = lambda conf: [self.nginx, "-t", "-p", str(self.work), "-e",
                                 str(self.work / "nginx-check.log"), "-c", str(self.work / conf)]
-        gw_check = lambda conf: [self.gateway_bin, "check-config", "--config", str(self.work / conf)]
+        gw_check = lambda conf, binary=self.gateway_bin: [binary, "check-config", "--config",
+                                                          str(self.work / conf)]
         # (generated file, template it was filled from, validating command)
         checks = [("nginx-upstream.conf", "nginx-upstream.conf.in and nginx-upstream-server.conf.in",
                    nginx_t("nginx-upstream.conf"))]
@@ -458,6 +478,10 @@ class Bench:
                  [self.haproxy, "-c", "-q", "-f", str(self.work / f"haproxy-{shape}.cfg")]),
                 (f"gateway-{shape}.toml", "gateway.toml.in", gw_check(f"gateway-{shape}.toml")),
             ]
+            if self.baseline_bin:
+                checks.append((f"{BASELINE}-{shape}.toml", "gateway.toml.in (checked by the "
+                               "baseline build)", gw_check(f"{BASELINE}-{shape}.toml",
+                                                           self.baseline_bin)))
         checks.append(("gateway-many.toml", "gateway.toml.in", gw_check("gateway-many.toml")))
         for name, template, argv in checks:
             done = run(argv)
@@ -549,24 +573,31 @@ class Bench:
             self.proxy_checks(name, shape, port)
             return Target(name, "wrk-post.lua", f"http://127.0.0.1:{port}{TEST_PATH}",
                           {"BENCH_AUTH": CALLER_AUTH}, log, proc)
-        if name in ("gateway", "gateway-lua", "gateway-many"):
+        if name in ("gateway", BASELINE, "gateway-lua", "gateway-many"):
             many = name == "gateway-many"
+            base = name == BASELINE
             if many and shape != self.many_shape:
                 raise BenchError(f"gateway-many is configured for the {self.many_shape} upstream")
-            conf = w / ("gateway-many.toml" if many else f"gateway-{shape}.toml")
+            if base and not self.baseline_bin:
+                raise BenchError(f"{BASELINE} needs --baseline-gateway")
+            conf = w / ("gateway-many.toml" if many else f"{name}-{shape}.toml" if base
+                        else f"gateway-{shape}.toml")
             port, admin = ((self.many_port, self.many_admin) if many
+                           else (self.base_port[shape], self.base_admin[shape]) if base
                            else (self.gw_port[shape], self.gw_admin[shape]))
-            log = w / ("gateway-many.audit.jsonl" if many else f"gateway-{shape}.audit.jsonl")
+            log = w / ("gateway-many.audit.jsonl" if many else f"{name}-{shape}.audit.jsonl" if base
+                       else f"gateway-{shape}.audit.jsonl")
             env = os.environ.copy()
             env.pop("RUST_LOG", None)
             env.pop("DATAFOLD_API_KEY", None)
-            proc = Proc(key, [self.gateway_bin, "serve", "--config", str(conf)],
+            binary = self.baseline_bin if base else self.gateway_bin
+            proc = Proc(key, [binary, "serve", "--config", str(conf)],
                         w / f"{name}-{shape}.stderr.log", env=env)
             wait_until(key, lambda: request(admin, "GET", "/readyz", None).status == 200, proc)
             self.proxy_checks(name, shape, port,
                               f"Bearer {TOKEN_NAME.format(7)}" if many else CALLER_AUTH)
             url = f"http://127.0.0.1:{port}{TEST_PATH}"
-            if name == "gateway":
+            if name in ("gateway", BASELINE):
                 return Target(name, "wrk-post.lua", url, {"BENCH_AUTH": CALLER_AUTH}, log, proc)
             counts = ({"BENCH_CALLERS": str(MANY_CALLERS), "BENCH_IDS": str(MANY_IDS)} if many
                       else {"BENCH_CALLERS": "1", "BENCH_IDS": "1"})
@@ -969,6 +1000,16 @@ def per_round_ratios(runs: list[dict], shape: str, num: str, den: str) -> list[f
     return [round(v[num] / v[den], 2) for _, v in sorted(by.items()) if num in v and den in v]
 
 
+def per_round_cpu_ratios(runs: list[dict], shape: str, num: str, den: str) -> list[float]:
+    """CPU/req num/den round by round, within one upstream shape."""
+    by = {}
+    for r in runs:
+        if r["upstream"] == shape and r["target"] in (num, den):
+            by.setdefault(r["round"], {})[r["target"]] = run_cpu_us(r)
+    return [round(v[num] / v[den], 2) for _, v in sorted(by.items())
+            if v.get(num) is not None and v.get(den)]
+
+
 def per_round_cpu_vs_lower(runs: list[dict], shape: str) -> list[float]:
     """The gateway's CPU/req ÷ the lower of nginx's and HAProxy's, round by round."""
     by = {}
@@ -1009,6 +1050,15 @@ def ratios(shape_summary: dict[str, dict], runs: list[dict], shape: str) -> dict
             out[f"rps_vs_{key}"] = round(gw["rps_median"] / peer["rps_median"], 3)
             out[f"rps_vs_{key}_per_round"] = per_round_ratios(runs, shape, "gateway", key)
             out[f"p99_vs_{key}"] = round(gw["p99_us"] / peer["p99_us"], 3) if peer["p99_us"] else None
+    base = shape_summary.get(BASELINE)
+    if base:
+        # Only with --baseline-gateway: the gateway against another build of itself.
+        base_cpu = base["proxy_cpu_us_per_req"]
+        out["cpu_per_req_vs_baseline"] = round(cpu / base_cpu, 3) if cpu is not None and base_cpu else None
+        out["cpu_per_req_vs_baseline_per_round"] = per_round_cpu_ratios(runs, shape, "gateway", BASELINE)
+        out["rps_vs_baseline"] = round(gw["rps_median"] / base["rps_median"], 3)
+        out["rps_vs_baseline_per_round"] = per_round_ratios(runs, shape, "gateway", BASELINE)
+        out["p99_vs_baseline"] = round(gw["p99_us"] / base["p99_us"], 3) if base["p99_us"] else None
     return out
 
 
@@ -1028,7 +1078,8 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
     add(f"- date: {meta['date']}")
     add(f"- machine: {meta['nproc']} cores (nproc), {meta['cpu']}, {meta['mem']}, kernel {meta['kernel']}")
     add(f"- versions: {meta['versions']['nginx']}; {meta['versions']['haproxy']}; "
-        f"{meta['versions']['wrk']}; datafold-gateway {meta['versions']['gateway']}")
+        f"{meta['versions']['wrk']}; datafold-gateway {meta['versions']['gateway']}"
+        + (f"; baseline datafold-gateway {meta['baseline']['label']}" if "baseline" in meta else ""))
     add(f"- load: wrk -t{meta['threads']} -c{meta['connections']}, POST `{{}}` with "
         f"`Authorization: {CALLER_AUTH}`; {meta['rounds']} rounds × {meta['seconds']} s "
         f"(+{meta['warmup']} s warm-up per run); targets in turn each round: "
@@ -1066,13 +1117,15 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
         add("CPU/req ratios below 1 mean the gateway spends less CPU per request than the cheaper "
             "of its peers; throughput ratios above 1 mean it serves more requests per second.")
         add("")
+    if "baseline" in meta:
+        out.extend(baseline_section(meta, summary, runs))
 
     for shape in meta["upstreams"]:
         ss = summary.get(shape, {})
         add(f"## Scenario 1: one caller, one data source — {SHAPES[shape]}")
         add("")
         out.extend(TABLE_HEAD)
-        for name in SCENARIO1:
+        for name in scenario1_targets(BASELINE in ss):
             if name in ss:
                 add(table_row(name, ss[name]))
         add("")
@@ -1190,6 +1243,46 @@ def report(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict], ch
         "the upstream saw from that target, over how many connections and upstream workers (one "
         "request in 16 sampled, so the counts are lower bounds).")
     return "\n".join(out) + "\n"
+
+
+def scenario1_targets(baseline: bool) -> list[str]:
+    """Scenario 1's targets in the order they run: the baseline build, when there is one, right
+    after the gateway."""
+    return [t for name in SCENARIO1 for t in ([name, BASELINE] if baseline and name == "gateway"
+                                              else [name])]
+
+
+def baseline_section(meta: dict, summary: dict[str, dict[str, dict]], runs: list[dict]) -> list[str]:
+    """The gateway against another build of itself (--baseline-gateway), per upstream shape."""
+    label = meta["baseline"]["label"]
+    out = [f"## Against the baseline build (scenario 1): {label}", ""]
+    add = out.append
+    add(f"`gateway` is this checkout ({meta['versions']['gateway']}); `baseline` is datafold-gateway "
+        f"built at {label}, with the same config (its own ports and audit file), run right after "
+        "the gateway in every round.")
+    add("")
+    add("| upstream | CPU/req gateway / baseline | gateway ÷ baseline (CPU/req) | per round "
+        "| req/s gateway / baseline | gateway ÷ baseline (req/s) | per round | p99 gateway / baseline |")
+    add("|---|---:|---:|---|---:|---:|---|---|")
+    for shape in meta["upstreams"]:
+        ss = summary.get(shape, {})
+        gw, base = ss.get("gateway"), ss.get(BASELINE)
+        if not gw or not base:
+            continue
+        rt = ratios(ss, runs, shape)
+        r2 = lambda key: f"{rt[key]:.2f}" if rt.get(key) is not None else "–"
+        add(f"| {SHAPES[shape]} | {fmt_us(gw['proxy_cpu_us_per_req'])} / "
+            f"{fmt_us(base['proxy_cpu_us_per_req'])} | **{r2('cpu_per_req_vs_baseline')}** | "
+            f"{rt['cpu_per_req_vs_baseline_per_round']} | {fmt_rps(gw['rps_median'])} / "
+            f"{fmt_rps(base['rps_median'])} | **{r2('rps_vs_baseline')}** | "
+            f"{rt['rps_vs_baseline_per_round']} | {fmt_ms(gw['p99_us'])} / {fmt_ms(base['p99_us'])} |")
+    add("")
+    add("Medians of this run. A CPU/req ratio above 1 means this checkout spends more CPU per "
+        "request than the baseline; a req/s ratio below 1 means it serves fewer requests per "
+        "second. Read the per-round values for the spread: a difference smaller than the rounds "
+        "disagree by is noise.")
+    add("")
+    return out
 
 
 def profile_section(profile: dict, summary: dict[str, dict[str, dict]]) -> list[str]:
@@ -1350,6 +1443,13 @@ def main() -> int:
     p.add_argument("--gateway", required=True, help="the release binary (run.sh passes it)")
     p.add_argument("--workdir", required=True, help="temp dir with ca.pem, server.pem, server.key")
     p.add_argument("--keep-workdir", action="store_true", help="(run.sh) keep the temp dir")
+    p.add_argument("--baseline-gateway", metavar="PATH",
+                   help="another release binary of the gateway, run in scenario 1 right after "
+                        "the gateway with the same config and compared with it (run.sh "
+                        "--baseline REV builds one at a git revision and passes it)")
+    p.add_argument("--baseline-label", metavar="TEXT",
+                   help="how the report names the baseline build (run.sh passes 'REV (short "
+                        "id)'; default: its path)")
     args = p.parse_args()
     quick = args.quick
     args.rounds = args.rounds or (2 if quick else 5)
@@ -1363,12 +1463,20 @@ def main() -> int:
         if value != int(value):
             p.error(f"{opt} must be a whole number of seconds (wrk takes no fractions), got {value}")
     args.shapes = ["h2", "h1"] if args.upstream == "both" else [args.upstream]
+    if args.baseline_label and not args.baseline_gateway:
+        p.error("--baseline-label needs --baseline-gateway")
+    if args.baseline_gateway:
+        if not os.access(args.baseline_gateway, os.X_OK):
+            p.error(f"--baseline-gateway {args.baseline_gateway}: not an executable file")
+        args.baseline_label = args.baseline_label or args.baseline_gateway
+        LABELS[BASELINE] = f"datafold-gateway baseline, {args.baseline_label}"
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGHUP, _on_signal)
     # (target, upstream shape) in the order they run each round: scenario 1 against every
     # chosen shape, then scenario 2 against the first.
-    plan = [(name, shape) for shape in args.shapes for name in SCENARIO1]
+    plan = [(name, shape) for shape in args.shapes
+            for name in scenario1_targets(bool(args.baseline_gateway))]
     if not args.scenario1_only:
         plan += [(name, args.shapes[0]) for name in SCENARIO2]
     order = [check_key(name, shape) for name, shape in plan]
@@ -1385,6 +1493,8 @@ def main() -> int:
             "scenario2_upstream": None if args.scenario1_only else args.shapes[0],
             "upstream_ports": {s: bench.up_port[s] for s in args.shapes},
         }
+        if args.baseline_gateway:
+            meta["baseline"] = {"label": args.baseline_label, "binary": args.baseline_gateway}
         perf = strace = None
         if args.profile:
             # Checked now, so that the note comes before the rounds rather than after them.
@@ -1407,12 +1517,13 @@ def main() -> int:
               file=sys.stderr)
         bench.start_upstream()
         runs = []
+        key_width = max(17, *(len(k) for k in order))
         for round_no in range(1, args.rounds + 1):
             for name, shape in plan:
                 run = bench.measure(name, shape, round_no)
                 runs.append(run)
                 cpu = run_cpu_us(run)
-                print(f"    round {round_no} {check_key(name, shape):17} "
+                print(f"    round {round_no} {check_key(name, shape):{key_width}} "
                       f"cpu/req {fmt_us(cpu):>9}  {run['rps']:8,.0f} req/s  "
                       f"p99 {fmt_ms(run['p99_us']):>9}  non-2xx {run['non2xx']}  "
                       f"sock {run['socket_errors']}  rss {fmt_mib(run['peak_rss_kib'])}",
