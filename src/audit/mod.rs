@@ -746,10 +746,36 @@ fn last_link_at_start(path: &Path, file: &File) -> (Option<[u8; chain::LINK_LEN]
         None => File::open(&rotated)
             .ok()
             .and_then(|f| last_line(&f))
-            .map(|line| (line, rotated)),
+            .map(|line| (line, rotated.clone())),
     };
     let Some((line, from)) = found else {
-        return (None, None);
+        // A new trail, unless rotated files sit beside it (dateext, compressed, ...) whose last
+        // link is not looked for here: then say that the chain starts anew.
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let folder = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let rotated_beside = std::fs::read_dir(folder).is_ok_and(|entries| {
+            entries.flatten().any(|entry| {
+                let other = entry.file_name().to_string_lossy().into_owned();
+                other.len() > name.len()
+                    && other.starts_with(&name)
+                    && matches!(other.as_bytes()[name.len()], b'.' | b'-')
+            })
+        });
+        let why = rotated_beside.then(|| {
+            format!(
+                "{} is new and the rotated files beside it have no {} to link to",
+                path.display(),
+                rotated.display()
+            )
+        });
+        return (None, why);
     };
     match chain::split(&line) {
         Some((_, link)) => (link.try_into().ok(), None),
@@ -821,8 +847,14 @@ impl Writer {
             return false;
         };
         self.writes += 1;
-        // Someone cut the file short: what the last link points at is gone.
-        if let Ok(len) = file.metadata().map(|m| m.len()) {
+        // Someone cut the file short: what the last link points at is gone. (Only a regular
+        // file has a length to go by; a pipe or a device always says 0.)
+        if let Some(len) = file
+            .metadata()
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+        {
             if len < self.chain.expected_len && self.chain.restart.is_none() {
                 self.chain.restart = Some(format!(
                     "{} was truncated from {} to {len} bytes",
@@ -857,6 +889,13 @@ impl Writer {
             }
             self.chain.last = last;
             self.chain.expected_len += (batch.len() + usize::from(self.torn)) as u64;
+        } else if self.chain.restart.is_none() {
+            // Some of the batch may be in the file, linked, some not: the next record cannot
+            // tell which link it follows, and a gap in the trail must show as one.
+            self.chain.restart = Some(format!(
+                "a write of {records} records to {} failed; those records may be missing",
+                self.path.display()
+            ));
         }
         // Only a failure can leave half a line; then look at how the file ends.
         self.torn = !ok && !ends_a_line(file);
@@ -936,9 +975,19 @@ impl Writer {
                     tracing::warn!(file = %self.path.display(), error = %e, "cannot sync the audit file being closed");
                 }
                 // The records the chain links to were removed, not moved: say so in the next one.
-                let removed = old
-                    .metadata()
-                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::nlink(&m) == 0);
+                use std::os::unix::fs::MetadataExt;
+                let old_meta = old.metadata().ok();
+                let removed = old_meta.as_ref().is_some_and(|m| m.nlink() == 0);
+                // Not rotated but cut short in place (copytruncate, or someone).
+                let cut = match (&old_meta, file.metadata()) {
+                    (Some(old), Ok(new)) => {
+                        old.dev() == new.dev()
+                            && old.ino() == new.ino()
+                            && new.is_file()
+                            && new.len() < self.chain.expected_len
+                    }
+                    _ => false,
+                };
                 let follows = match last_line(&file) {
                     None => true,
                     Some(line) => {
@@ -946,10 +995,15 @@ impl Writer {
                             == self.chain.last.as_ref().map(|l| &l[..])
                     }
                 };
-                if removed || !follows {
+                if removed || cut || !follows {
                     self.chain.restart = Some(if removed {
                         format!(
                             "{} was removed, not moved, before it was reopened",
+                            self.path.display()
+                        )
+                    } else if cut {
+                        format!(
+                            "{} was truncated before it was reopened",
                             self.path.display()
                         )
                     } else {
@@ -1404,5 +1458,52 @@ mod tests {
             *link
         );
         assert!(!text.contains("integrity-key"));
+    }
+
+    #[tokio::test]
+    async fn a_file_emptied_in_place_then_reopened_makes_the_next_record_a_restart() {
+        let (_dir, path, log) = fresh_log();
+        assert!(log.append(&record(200)).await);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        log.reopen().await.unwrap();
+        assert!(log.append(&record(201)).await);
+        log.close().await;
+        assert_eq!(restarts(&path), 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_makes_the_next_record_a_restart_and_a_device_never_does() {
+        // /dev/full fails every write; /dev/null takes them and has no length to go by.
+        let full = AuditLog::open(Path::new("/dev/full"), WriterOptions::default()).unwrap();
+        assert!(!full.append(&record(200)).await);
+        assert!(full.shared.lock_writer().chain.restart.is_some());
+        full.close().await;
+        let null = AuditLog::open(Path::new("/dev/null"), WriterOptions::default()).unwrap();
+        for status in 200..203 {
+            assert!(null.append(&record(status)).await);
+        }
+        {
+            let writer = null.shared.lock_writer();
+            assert!(writer.chain.restart.is_none());
+            assert!(writer.chain.last.is_some());
+        }
+        null.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_new_file_beside_rotated_files_without_a_dot_one_starts_with_a_restart() {
+        let (dir, path, log) = fresh_log();
+        log.close().await;
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(dir.path().join("audit.jsonl-20261201.gz"), b"").unwrap();
+        let log = AuditLog::open(&path, WriterOptions::default()).unwrap();
+        assert!(log.append(&record(200)).await);
+        log.close().await;
+        assert_eq!(restarts(&path), 1);
     }
 }

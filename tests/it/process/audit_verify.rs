@@ -202,6 +202,7 @@ async fn what_the_gateway_writes_verifies_across_rotation_gzip_and_restart() {
     );
 
     let served = crate::common::serve::Served::start(&setup.config, &[]);
+    assert!(!served.startup.concat().contains(key_text));
     burst(&served, 20).await;
     // Rotated as logrotate does it, and compressed (the siblings are read oldest first, by
     // their modification times: the compressed file is made before the next records).
@@ -217,13 +218,18 @@ async fn what_the_gateway_writes_verifies_across_rotation_gzip_and_restart() {
     std::fs::remove_file(&rotated).unwrap();
     burst(&served, 20).await;
     served.terminate();
-    assert!(served.wait().0.success());
+    let (status, log) = served.wait();
+    assert!(status.success());
+    assert!(!log.contains(key_text), "the integrity key is in the log");
     std::fs::rename(&audit, &rotated).unwrap();
     // A new gateway after the restart: the live file starts empty, its chain goes on from `.1`.
     let served = crate::common::serve::Served::start(&setup.config, &[]);
+    assert!(!served.startup.concat().contains(key_text));
     burst(&served, 10).await;
     served.terminate();
-    assert!(served.wait().0.success());
+    let (status, log) = served.wait();
+    assert!(status.success());
+    assert!(!log.contains(key_text), "the integrity key is in the log");
 
     let key_arg = key_file.to_str().unwrap();
     let output = verify(&audit, &["--integrity-key-file", key_arg, "--json"]);
