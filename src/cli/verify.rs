@@ -4,8 +4,10 @@
 //!
 //! Each record's link must hold after the link of the record before it, across file
 //! boundaries; only the trail's very first record, and a record carrying
-//! `"chain_restart":true`, link to nothing. The first link that does not hold ends the walk and
-//! is reported with its file, its line in that file, and a kind:
+//! `"chain_restart":true`, link to nothing. A first record that links to a record no longer in
+//! the trail (the oldest files rotated out) is taken as where the trail starts, when the records
+//! after it follow it: the report says it starts mid-chain. The first link that does not hold
+//! ends the walk and is reported with its file, its line in that file, and a kind:
 //!
 //! | kind | when |
 //! |---|---|
@@ -13,7 +15,7 @@
 //! | `unchained` | a JSON object without a `chain` member |
 //! | `restart` | a record after the first carries `"chain_restart":true` |
 //! | `reordered` | the record after this one follows the record before it; or this record's link holds after another record of the trail than the one before it |
-//! | `removed` | no record of the trail explains the link, this record opens its file (or the trail) and the record after it, if any, does follow it: what came before it is gone |
+//! | `removed` | no record of the trail explains the link, this record opens a file after the oldest and the record after it, if any, does follow it: what came before it is gone |
 //! | `changed` | no record of the trail explains the link, inside a file: this record was edited, or records just before it were removed (a hash chain cannot tell these apart) |
 //!
 //! The rules are tried in the order of the table. Only the verdict needs more than one pass:
