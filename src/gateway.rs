@@ -254,7 +254,7 @@ impl Gateway {
                 admin = %admin_addr,
                 upstream = ?config.upstream.url,
                 tls = tls.is_some(),
-                callers = ?config.callers.mode,
+                callers = config.callers.mode.name(),
                 workers = worker_count,
                 "listening"
             );

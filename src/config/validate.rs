@@ -154,6 +154,16 @@ impl Config {
                 format!("`{}` is not a log filter: {e}", self.log.level),
             )
         })?;
+        if let Some(word) = bare_target(&self.log.level) {
+            return Err(fail(
+                "log.level",
+                format!(
+                    "`{word}` is not a level: use one of trace, debug, info, warn, error, off \
+                     (or target=level); a bare word is read as a module name and would turn \
+                     every other log line off"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -301,9 +311,37 @@ impl Config {
     }
 }
 
+/// The first directive of a log filter that is a bare word but not a level (`verbose`): a
+/// tracing filter takes it for a module name, enables only that, and so logs nothing at all.
+fn bare_target(filter: &str) -> Option<&str> {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|directive| !directive.is_empty() && !directive.contains(['=', '[']))
+        .find(|word| {
+            word.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::tests::{parse, token_config, DIGEST_A, DIGEST_B};
+
+    #[test]
+    fn a_log_level_that_is_a_bare_word_is_refused_by_name() {
+        for level in ["verbose", "info,chatty"] {
+            let err = parse(&format!("[log]\nlevel = {level:?}\n")).unwrap_err();
+            assert!(err.contains("log.level"), "{err}");
+            assert!(err.contains("is not a level"), "{err}");
+        }
+        for level in ["info", "WARN", "datafold_gateway=debug,info", "off"] {
+            assert!(
+                parse(&format!("[log]\nlevel = {level:?}\n")).is_ok(),
+                "{level}"
+            );
+        }
+    }
     #[test]
     fn absurd_sizes_and_durations_are_refused_by_name() {
         let err = parse("[limits]\nmax_concurrent_requests = 4611686018427387904\n").unwrap_err();

@@ -191,6 +191,17 @@ pub enum CallerMode {
 }
 
 impl CallerMode {
+    /// The mode as the config spells it (`open`, `token`, `mtls`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Token => "token",
+            Self::Mtls => "mtls",
+        }
+    }
+}
+
+impl CallerMode {
     /// Whether callers prove who they are (and so may own jobs).
     pub fn is_authenticated(self) -> bool {
         !matches!(self, Self::Open)

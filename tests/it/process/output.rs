@@ -232,3 +232,25 @@ async fn audit_stdout_repeats_each_record_for_log_shippers() {
     assert_eq!(String::from_utf8(output.stdout).unwrap(), file);
     assert_eq!(file.lines().count(), 2);
 }
+
+#[tokio::test]
+async fn the_listening_line_spells_the_caller_mode_as_the_config_does() {
+    let setup = setup("").await;
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", &setup.config])
+        .env_remove("DATAFOLD_API_KEY")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let listening = loop {
+        let line = stderr.next().expect("no listening line").unwrap();
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if value["message"] == "listening" {
+            break value;
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(listening["callers"], "open", "{listening}");
+}
