@@ -1059,6 +1059,26 @@ pub enum ReopenError {
 mod tests {
     use super::*;
 
+    /// Appends a record of each status from tasks of their own, all at once; each must be
+    /// written.
+    async fn append_at_once(log: &AuditLog, statuses: std::ops::Range<u16>) {
+        let tasks: Vec<_> = statuses
+            .map(|status| {
+                let log = log.clone();
+                tokio::spawn(async move { log.append(&record(status)).await })
+            })
+            .collect();
+        for task in tasks {
+            assert!(task.await.unwrap());
+        }
+    }
+
+    /// Cuts the file to nothing where it is, as `copytruncate` (or an intruder) does.
+    fn empty_in_place(path: &Path) {
+        let file = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        file.set_len(0).unwrap();
+    }
+
     /// An audit log on `audit.jsonl` in a new folder, which must be kept while the log is used.
     fn fresh_log() -> (tempfile::TempDir, PathBuf, AuditLog) {
         let dir = tempfile::tempdir().unwrap();
@@ -1100,15 +1120,7 @@ mod tests {
     #[tokio::test]
     async fn concurrent_appends_each_get_one_whole_line() {
         let (_dir, path, log) = fresh_log();
-        let tasks: Vec<_> = (0..200u16)
-            .map(|i| {
-                let log = log.clone();
-                tokio::spawn(async move { log.append(&record(200 + i)).await })
-            })
-            .collect();
-        for task in tasks {
-            assert!(task.await.unwrap());
-        }
+        append_at_once(&log, 200..400).await;
         log.close().await;
         assert_eq!(statuses(&path), (200..400).collect::<Vec<u64>>());
     }
@@ -1341,15 +1353,7 @@ mod tests {
         for written in futures_util::future::join_all(appends).await {
             assert!(written);
         }
-        let tasks: Vec<_> = (0..50u16)
-            .map(|i| {
-                let log = log.clone();
-                tokio::spawn(async move { log.append(&record(300 + i)).await })
-            })
-            .collect();
-        for task in tasks {
-            assert!(task.await.unwrap());
-        }
+        append_at_once(&log, 300..350).await;
         log.close().await;
         assert_eq!(links_hold(&[&path], None), Ok(100));
         assert_eq!(restarts(&path), 0);
@@ -1390,12 +1394,7 @@ mod tests {
         assert!(log.append(&record(200)).await);
         assert!(log.append(&record(201)).await);
         // Someone empties the file under the gateway.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        empty_in_place(&path);
         assert!(log.append(&record(202)).await);
         assert!(log.append(&record(203)).await);
         assert_eq!(restarts(&path), 1);
@@ -1464,12 +1463,7 @@ mod tests {
     async fn a_file_emptied_in_place_then_reopened_makes_the_next_record_a_restart() {
         let (_dir, path, log) = fresh_log();
         assert!(log.append(&record(200)).await);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(0)
-            .unwrap();
+        empty_in_place(&path);
         log.reopen().await.unwrap();
         assert!(log.append(&record(201)).await);
         log.close().await;
