@@ -14,9 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::serve::Served;
-use common::{config_for, API_KEY};
-use datafold_gateway::cli::standin::{StandIn, ThrowawayCa};
-use datafold_gateway::config::ApiKeySource;
+use common::API_KEY;
 use http_body_util::{BodyExt, Full};
 
 /// The gateway's shutdown grace in these tests; a clean stop takes far less.
@@ -33,42 +31,22 @@ const RSS_LIMIT_KB: u64 = 200 * 1024;
 const KEY_REFUSED: &str = "new API key refused; the previous key stays in effect";
 const CONFIG_REFUSED: &str = "configuration not reloaded; the previous one stays in effect";
 
-/// A stand-in upstream and a config file in a folder of their own, the key in a file there.
+/// The process tests' gateway setup (a stand-in upstream, a config file, the key in a file
+/// beside it), with a short shutdown grace; the key file's path at hand.
 struct Setup {
-    _dir: tempfile::TempDir,
-    _upstream: StandIn,
+    _base: crate::process::harness::Setup,
     config: PathBuf,
     key_file: PathBuf,
 }
 
 async fn setup() -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = ThrowawayCa::new("ca").unwrap();
-    let upstream = StandIn::start(ca.server_config(&["127.0.0.1"]).unwrap(), API_KEY)
-        .await
-        .unwrap();
-    let base = config_for(dir.path(), &ca, &upstream.url());
-    let ApiKeySource::File(key_file) = base.api_key else {
-        unreachable!("config_for keeps the key in a file");
-    };
-    let text = format!(
-        "[listen]\naddr = \"127.0.0.1:0\"\n[admin]\naddr = \"127.0.0.1:0\"\n\
-         [upstream]\nurl = {:?}\nca_file = {:?}\n\
-         [api_key]\nfile = {:?}\n[audit]\nfile = {:?}\n\
-         [limits]\nshutdown_grace = \"{}s\"\n",
-        upstream.url(),
-        base.upstream.ca_file.unwrap(),
-        key_file,
-        base.audit.file,
-        GRACE.as_secs(),
-    );
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(&config, text).unwrap();
+    let grace = format!("[limits]\nshutdown_grace = \"{}s\"\n", GRACE.as_secs());
+    let base = crate::process::harness::setup(&grace).await;
+    let key_file = base.dir.path().join(common::API_KEY_FILE);
     Setup {
-        _dir: dir,
-        _upstream: upstream,
-        config,
+        config: PathBuf::from(&base.config),
         key_file,
+        _base: base,
     }
 }
 

@@ -34,11 +34,14 @@ pub struct Harness {
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
+/// The key file's name in the folder [`config_for`] writes into.
+pub const API_KEY_FILE: &str = "datafold-api-key";
+
 /// A config pointing at `upstream`, with everything written into `dir`.
 pub fn config_for(dir: &Path, ca: &ThrowawayCa, upstream_url: &str) -> Config {
     let ca_file = dir.join("ca.pem");
     ca.write_cert(&ca_file).unwrap();
-    let key_file = dir.join("datafold-api-key");
+    let key_file = dir.join(API_KEY_FILE);
     std::fs::write(&key_file, format!("{API_KEY}\n")).unwrap();
     let mut config = Config::default();
     config.listen.addr = "127.0.0.1:0".parse().unwrap();

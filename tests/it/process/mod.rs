@@ -3,7 +3,7 @@
 //! `harness` starts it (through `common::serve::Served`, which waits for its "listening" line
 //! and sends it signals) in front of a stand-in; the other modules are the tests, by kind.
 
-mod harness;
+pub(crate) mod harness;
 
 mod audit_verify;
 mod commands;
