@@ -258,3 +258,65 @@ async fn what_the_gateway_writes_verifies_across_rotation_gzip_and_restart() {
         assert!(!output.contains(key_text));
     }
 }
+
+#[tokio::test]
+async fn sighup_takes_a_new_integrity_key_and_a_cut_file_restarts_the_chain_saying_why() {
+    let (first_key, next_key) = ("sighup-audit-key-ONE-51c2", "sighup-audit-key-TWO-8e07");
+    let setup = super::harness::setup("").await;
+    let key_file = setup.dir.path().join("audit-integrity.key");
+    std::fs::write(&key_file, first_key).unwrap();
+    let config = std::fs::read_to_string(&setup.config).unwrap().replace(
+        "[audit]\n",
+        &format!("[audit]\nintegrity_key_file = {key_file:?}\n"),
+    );
+    std::fs::write(&setup.config, config).unwrap();
+    let audit = setup.dir.path().join("audit.jsonl");
+    let old_key_file = setup.dir.path().join("audit-integrity.key.old");
+    std::fs::copy(&key_file, &old_key_file).unwrap();
+
+    let served = crate::common::serve::Served::start(&setup.config, &[]);
+    burst(&served, 3).await;
+    std::fs::write(&key_file, next_key).unwrap();
+    served.signal(libc::SIGHUP);
+    served.wait_for_log("audit integrity key reloaded");
+    burst(&served, 3).await;
+    // Across the key change the chain goes on: it holds given both keys, not given either alone.
+    let both = [
+        "--integrity-key-file",
+        old_key_file.to_str().unwrap(),
+        "--integrity-key-file",
+        key_file.to_str().unwrap(),
+    ];
+    let output = verify(&audit, &both);
+    assert_eq!(output.status.code(), Some(0), "{}", stdout(&output));
+    assert!(
+        stdout(&output).starts_with("6 records"),
+        "{}",
+        stdout(&output)
+    );
+    for one in [&old_key_file, &key_file] {
+        let output = verify(&audit, &["--integrity-key-file", one.to_str().unwrap()]);
+        assert_eq!(output.status.code(), Some(1));
+    }
+
+    // Cut short under the running gateway: the next record starts a new chain, and the log says
+    // why.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&audit)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    burst(&served, 1).await;
+    let warning = served.wait_for_log("the audit chain starts anew (chain_restart)");
+    assert!(
+        warning["reason"].as_str().unwrap().contains("truncated"),
+        "{warning}"
+    );
+    let text = std::fs::read_to_string(&audit).unwrap();
+    assert!(text.contains("\"chain_restart\":true"), "{text}");
+    served.terminate();
+    let (status, log) = served.wait();
+    assert!(status.success());
+    assert!(!log.contains(first_key) && !log.contains(next_key));
+}
