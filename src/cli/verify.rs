@@ -158,8 +158,6 @@ pub(super) struct Report {
     files: Vec<PathBuf>,
     /// Records whose link holds, per file.
     per_file: Vec<u64>,
-    /// Records whose link holds: all of them, or those before the broken one.
-    records: u64,
     /// The trail's first record follows a record no longer in it (rotated out, or removed):
     /// the links from the second record on are checked, the first one's cannot be.
     starts_mid_chain: bool,
@@ -167,6 +165,11 @@ pub(super) struct Report {
 }
 
 impl Report {
+    /// Records whose link holds: all of them, or those before the broken one.
+    fn records(&self) -> u64 {
+        self.per_file.iter().sum()
+    }
+
     fn place(&self, at: At) -> String {
         format!("{}:{}", self.files[at.file].display(), at.line)
     }
@@ -180,7 +183,7 @@ impl Report {
                 let _ = writeln!(
                     text,
                     "{} in {}, every link holds:",
-                    count(self.records, "record"),
+                    count(self.records(), "record"),
                     count(files as u64, "file")
                 );
                 for (file, records) in self.files.iter().zip(&self.per_file) {
@@ -205,7 +208,7 @@ impl Report {
                 let _ = writeln!(
                     text,
                     "{} before it hold; the trail, oldest first:",
-                    count(self.records, "record")
+                    count(self.records(), "record")
                 );
                 for file in &self.files {
                     let _ = writeln!(text, "  {}", file.display());
@@ -234,7 +237,7 @@ impl Report {
         }
         let document = Document {
             ok: self.broken.is_none(),
-            records: self.records,
+            records: self.records(),
             files: self
                 .files
                 .iter()
@@ -407,7 +410,6 @@ pub(super) fn verify(files: &[PathBuf], keys: &[IntegrityKey]) -> Result<Report,
     let mut report = Report {
         files: files.to_vec(),
         per_file: vec![0; files.len()],
-        records: 0,
         starts_mid_chain: false,
         broken: None,
     };
@@ -468,7 +470,6 @@ pub(super) fn verify(files: &[PathBuf], keys: &[IntegrityKey]) -> Result<Report,
             let mut held = [0; LINK_LEN];
             held.copy_from_slice(link);
             prev = Some((held, item.at));
-            report.records += 1;
             report.per_file[item.at.file] += 1;
             continue;
         }
@@ -518,7 +519,6 @@ pub(super) fn verify(files: &[PathBuf], keys: &[IntegrityKey]) -> Result<Report,
             held.copy_from_slice(link);
             prev = Some((held, item.at));
             report.starts_mid_chain = true;
-            report.records += 1;
             report.per_file[item.at.file] += 1;
             ahead.extend(next);
             ahead.extend(after_next);
@@ -795,7 +795,7 @@ mod tests {
     fn an_untouched_trail_over_a_gz_a_rotated_and_the_live_file_holds() {
         let report = Trail::new(None, |_| {}).check(&[]);
         assert!(report.broken.is_none(), "{report:?}");
-        assert_eq!(report.records, 12);
+        assert_eq!(report.records(), 12);
         assert_eq!(report.per_file, [4, 4, 4]);
         let names: Vec<_> = report
             .files
@@ -818,7 +818,7 @@ mod tests {
         })
         .check(&[]);
         assert_eq!(broken(&report), at("audit.jsonl.1", 2, Kind::Changed));
-        assert_eq!(report.records, 5);
+        assert_eq!(report.records(), 5);
         let detail = &report.broken.as_ref().unwrap().detail;
         assert!(detail.contains("removed"), "{detail}");
     }
@@ -870,7 +870,7 @@ mod tests {
         })
         .check(&[]);
         assert_eq!(broken(&report), at("audit.jsonl.1", 3, Kind::Changed));
-        assert_eq!(report.records, 6);
+        assert_eq!(report.records(), 6);
     }
 
     #[test]
@@ -914,7 +914,7 @@ mod tests {
         ])
         .check(&[]);
         assert_eq!(broken(&report), at("audit.jsonl", 4, Kind::Damaged));
-        assert_eq!(report.records, 11);
+        assert_eq!(report.records(), 11);
         // A rotated file cut short, the next file going on.
         let report = Trail::of([
             text(&lines[..4]).into_bytes(),
@@ -992,7 +992,7 @@ mod tests {
         }
         let report = trail.check(&[wrong, right]);
         assert!(report.broken.is_none(), "{report:?}");
-        assert_eq!(report.records, 12);
+        assert_eq!(report.records(), 12);
     }
 
     #[test]
