@@ -37,7 +37,7 @@ pub enum GatewayError {
     #[error(transparent)]
     ListenerTls(TlsError),
     /// `audit.integrity_key_file` does not give a key.
-    #[error(transparent)]
+    #[error("audit.integrity_key_file: {0}")]
     IntegrityKey(#[from] crate::audit::chain::IntegrityKeyError),
     /// The folder `audit.file` is to be created in does not exist.
     #[error("audit.file: the folder {} of {} does not exist", folder.display(), file.display())]

@@ -52,7 +52,7 @@ pub enum ReloadError {
         to: CallerMode,
     },
     /// The new audit integrity key was refused; the key in use before is kept.
-    #[error(transparent)]
+    #[error("audit.integrity_key_file: {0}")]
     IntegrityKey(#[from] IntegrityKeyError),
     /// The audit file could not be reopened; the file open before is kept.
     #[error(transparent)]

@@ -53,14 +53,15 @@ impl std::fmt::Debug for IntegrityKey {
     }
 }
 
-/// Why `audit.integrity_key_file` gave no key. Names the file, never its contents.
+/// Why a key file gave no key. Names the file, never its contents; whoever reports it says
+/// which setting (`audit.integrity_key_file`) or flag named the file.
 #[derive(Debug, thiserror::Error)]
 pub enum IntegrityKeyError {
     /// The file could not be read (missing, not a regular file, too large, ...).
-    #[error("audit.integrity_key_file: {0}")]
+    #[error(transparent)]
     File(#[from] FileError),
     /// The file holds nothing but whitespace.
-    #[error("audit.integrity_key_file: {} is empty", .0.display())]
+    #[error("{} is empty (or only whitespace)", .0.display())]
     Empty(PathBuf),
 }
 

@@ -33,7 +33,6 @@ use std::path::PathBuf;
 
 use super::audit::{audit_file, open_lines, trail_files, AuditArgs};
 use crate::audit::chain::{self, IntegrityKey, LINK_LEN};
-use crate::files;
 
 /// Runs the check and ends the process with its status unless every link holds.
 pub(super) fn run(args: &AuditArgs) -> Result<(), String> {
@@ -74,16 +73,7 @@ pub(super) fn run(args: &AuditArgs) -> Result<(), String> {
 fn read_keys(paths: &[PathBuf]) -> Result<Vec<IntegrityKey>, String> {
     paths
         .iter()
-        .map(|path| {
-            let contents = files::read_regular(path, files::KEY_FILE_CAP)
-                .map_err(|e| format!("integrity key: {e}"))?;
-            IntegrityKey::from_file_bytes(&contents.bytes).ok_or_else(|| {
-                format!(
-                    "integrity key: {} is empty (or only whitespace)",
-                    path.display()
-                )
-            })
-        })
+        .map(|path| chain::load_key(path).map_err(|e| format!("integrity key: {e}")))
         .collect()
 }
 
